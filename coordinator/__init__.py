@@ -1,0 +1,1 @@
+"""The coordinator: one HTTP endpoint (Anthropic + OpenAI APIs) in front of the mesh."""

@@ -1,0 +1,1 @@
+"""Shared by nodes and coordinators: wire types, the error tree, the node client."""

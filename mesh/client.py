@@ -1,0 +1,133 @@
+"""Async client for one node's gRPC service.
+
+gRPC errors are mapped to `mesh.errors` here, once. `generate` cancels the
+call on the node as soon as its consumer stops iterating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from mesh import errors, wire
+from mesh.types import (
+    ChatPrompt,
+    GenerateEvent,
+    GenerateRequest,
+    ModelInfo,
+    NodeState,
+    RenderedPrompt,
+)
+from proto import node_pb2 as pb
+from proto import node_pb2_grpc as pb_grpc
+
+# Prompts of 100k+ tokens travel as token ids; allow big messages both ways.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+def _mapped(exc: grpc.aio.AioRpcError) -> errors.MeshError:
+    return wire.error_from_status(exc.code(), exc.details() or "")
+
+
+class NodeClient:
+    """A connection to one node (`host:port`). Use as an async context manager."""
+
+    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.NodeStub(self._channel)
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel connects; Unavailable after `timeout` s."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"node {self.target} did not answer within {timeout:g}s"
+            ) from None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        """Stream events; errors before the first event raise `MeshError`."""
+        call = self._stub.Generate(wire.request_to_pb(request), timeout=self.timeout)
+        try:
+            async for msg in call:
+                yield wire.event_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        finally:
+            call.cancel()
+
+    async def render(
+        self, model: str, chat: ChatPrompt, include_text: bool = False
+    ) -> RenderedPrompt:
+        try:
+            resp = await self._stub.RenderPrompt(
+                pb.RenderPromptRequest(
+                    model=model, chat=wire.chat_to_pb(chat), include_text=include_text
+                ),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return wire.rendered_from_pb(resp)
+
+    async def tokenize(self, model: str, text: str, add_special_tokens: bool = False) -> list[int]:
+        try:
+            resp = await self._stub.Tokenize(
+                pb.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return list(resp.token_ids)
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return [wire.model_from_pb(m) for m in resp.models]
+
+    async def load_model(self, model: str) -> tuple[ModelInfo, float]:
+        try:
+            resp = await self._stub.LoadModel(pb.LoadModelRequest(model=model))
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return wire.model_from_pb(resp.model), resp.load_seconds
+
+    async def unload_model(self, model: str) -> bool:
+        try:
+            resp = await self._stub.UnloadModel(pb.UnloadModelRequest(model=model))
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return resp.was_loaded
+
+    async def watch_state(self, interval_ms: int = 0) -> AsyncIterator[NodeState]:
+        """Stream the node's state until the caller stops or the node goes away."""
+        call = self._stub.WatchState(pb.WatchStateRequest(interval_ms=interval_ms))
+        try:
+            async for msg in call:
+                yield wire.state_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        finally:
+            call.cancel()

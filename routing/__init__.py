@@ -1,0 +1,1 @@
+"""Pure request resolution and routing policy (no I/O)."""
