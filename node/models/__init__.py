@@ -1,0 +1,1 @@
+"""Model discovery and conversion on a node."""
