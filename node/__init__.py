@@ -1,0 +1,1 @@
+"""The node agent: serves this machine's models over gRPC."""

@@ -1,0 +1,1 @@
+"""Inference backends behind the node's gRPC service."""

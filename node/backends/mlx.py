@@ -1,0 +1,361 @@
+"""MLX backend: models loaded with mlx-lm, driven by the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mesh.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    Overloaded,
+    PromptTooLong,
+    Unavailable,
+)
+from mesh.types import (
+    ChatPrompt,
+    Finish,
+    GenerateEvent,
+    GenerateRequest,
+    ModelInfo,
+    ModelLoad,
+    RenderedPrompt,
+    Started,
+    TextPrompt,
+    Tool,
+)
+from node.backends.chat_template import (
+    FALLBACK_TOOL_END,
+    FALLBACK_TOOL_START,
+    build_template_input,
+    template_supports_tools,
+)
+from node.backends.mlx_engine import Engine, GenJob, ModelStats
+from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
+from node.config import SamplingDefaults
+from node.models.catalog import Catalog, CatalogEntry
+from node.sampling import resolve_sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with what rendering and parsing need to know about it."""
+
+    entry: CatalogEntry
+    model: Any
+    tokenizer: Any
+    context_length: int
+    memory_bytes: int
+    native_tools: bool
+    stats: ModelStats
+
+    def info(self) -> ModelInfo:
+        tok = self.tokenizer
+        return ModelInfo(
+            id=self.entry.id,
+            backend="mlx",
+            source=self.entry.source,
+            path=str(self.entry.path),
+            loaded=True,
+            size_bytes=self.entry.size_bytes,
+            context_length=self.context_length,
+            quantization=self.entry.quantization,
+            supports_tools=True,
+            supports_thinking=bool(tok.has_thinking),
+            memory_bytes=self.memory_bytes,
+        )
+
+
+def _load_on_engine(entry: CatalogEntry) -> LoadedModel:
+    """mlx_lm.load plus what we derive from it; runs on the engine thread."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    try:
+        loaded: Any = load(str(entry.path), return_config=True)
+        model, tokenizer, config = loaded
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {entry.id!r} from {entry.path}: {exc}") from exc
+    mx.eval(model.parameters())
+    params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    memory = sum(int(v.nbytes) for _, v in params)
+    context = entry.context_length or int(getattr(tokenizer, "model_max_length", 0) or 0)
+    if not context or context > 10_000_000:
+        context = int(config.get("max_position_embeddings", 4096))
+    return LoadedModel(
+        entry=entry,
+        model=model,
+        tokenizer=tokenizer,
+        context_length=context,
+        memory_bytes=memory,
+        native_tools=template_supports_tools(getattr(tokenizer, "chat_template", None)),
+        stats=ModelStats(),
+    )
+
+
+def _unload_on_engine() -> None:
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+class MLXBackend:
+    """Serves the catalog's MLX models; one engine thread owns all of them."""
+
+    name = "mlx"
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        defaults: SamplingDefaults,
+        max_running: int = 4,
+        max_waiting: int = 256,
+    ) -> None:
+        self.catalog = catalog
+        self.defaults = defaults
+        self._engine = Engine(max_running=max_running, max_waiting=max_waiting)
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+        self._closing = False
+
+    # ---------- models ----------
+
+    def loaded(self) -> dict[str, ModelInfo]:
+        return {mid: m.info() for mid, m in self._models.items()}
+
+    async def load(self, model_id: str) -> tuple[ModelInfo, float]:
+        """Load a model once; concurrent callers share the same load."""
+        if self._closing:
+            raise Unavailable("the node is shutting down")
+        if model_id in self._models:
+            return self._models[model_id].info(), 0.0
+        entry = await asyncio.to_thread(self.catalog.get, model_id)
+        if entry.backend != "mlx":
+            raise ModelLoadError(f"model {model_id!r} is not an MLX model ({entry.backend})")
+        fut = self._loading.get(model_id)
+        t0 = time.perf_counter()
+        if fut is None:
+            log.info("loading %s from %s", model_id, entry.path)
+            fut = self._engine.call(lambda: _load_on_engine(entry))
+            self._loading[model_id] = fut
+            try:
+                lm: LoadedModel = await asyncio.shield(fut)
+            finally:
+                self._loading.pop(model_id, None)
+            self._models[model_id] = lm
+            log.info("loaded %s in %.2fs", model_id, time.perf_counter() - t0)
+        else:
+            lm = await asyncio.shield(fut)
+        return lm.info(), time.perf_counter() - t0
+
+    async def unload(self, model_id: str) -> bool:
+        lm = self._models.pop(model_id, None)
+        if lm is None:
+            return False
+        del lm
+        await self._engine.call(_unload_on_engine)
+        return True
+
+    async def _model(self, model_id: str) -> LoadedModel:
+        lm = self._models.get(model_id)
+        if lm is None:
+            await self.load(model_id)
+            lm = self._models.get(model_id)
+            if lm is None:  # unloaded in between
+                raise ModelNotFound(model_id, self.catalog.entries())
+        return lm
+
+    # ---------- prompts ----------
+
+    def _render_sync(self, lm: LoadedModel, chat: ChatPrompt) -> list[int]:
+        from jinja2 import TemplateError
+
+        tok = lm.tokenizer
+        inp = build_template_input(chat, native_tools=lm.native_tools)
+        kwargs: dict[str, Any] = {}
+        if chat.enable_thinking is not None:
+            kwargs["enable_thinking"] = chat.enable_thinking
+        if inp.tools is not None:
+            kwargs["tools"] = inp.tools
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequest(
+                f"model {lm.entry.id!r} has no chat template; send a text prompt instead",
+                field="chat",
+            )
+        try:
+            text = tok.apply_chat_template(
+                inp.messages,
+                add_generation_prompt=chat.add_generation_prompt,
+                continue_final_message=not chat.add_generation_prompt,
+                tokenize=False,
+                **kwargs,
+            )
+        except TemplateError as exc:
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="messages") from None
+        return list(tok.encode(text, add_special_tokens=False))
+
+    async def render(
+        self, model_id: str, chat: ChatPrompt, include_text: bool = False
+    ) -> RenderedPrompt:
+        lm = await self._model(model_id)
+        ids = await asyncio.to_thread(self._render_sync, lm, chat)
+        text = lm.tokenizer.decode(ids) if include_text else ""
+        return RenderedPrompt(token_ids=tuple(ids), context_length=lm.context_length, text=text)
+
+    async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
+        lm = await self._model(model_id)
+        return list(lm.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _parser_config(
+        self, lm: LoadedModel, prompt_ids: list[int], tools: tuple[Tool, ...], stop: tuple[str, ...]
+    ) -> ParserConfig:
+        tok = lm.tokenizer
+        cfg = ParserConfig(stop=stop)
+        if tok.has_thinking:
+            # Templates like Qwen3 / DeepSeek-R1 open the think block in the prompt.
+            tail = tok.decode(prompt_ids[-16:]) if prompt_ids else ""
+            cfg = replace(
+                cfg,
+                think_start=tok.think_start,
+                think_end=tok.think_end,
+                start_in_reasoning=prompt_opens_reasoning(tail, tok.think_start, tok.think_end),
+            )
+        if tools:
+            if lm.native_tools and tok.has_tool_calling:
+                parser = tok.tool_parser
+                raw_tools = [
+                    {"type": "function", "function": {"name": t.name, "parameters": t.parameters}}
+                    for t in tools
+                ]
+
+                def parse(text: str) -> list[dict[str, Any]]:
+                    out = parser(text, raw_tools)
+                    return out if isinstance(out, list) else [out]
+
+                cfg = replace(
+                    cfg,
+                    tool_call_start=tok.tool_call_start,
+                    tool_call_end=tok.tool_call_end,
+                    parse_tool_call=parse,
+                )
+            else:
+                cfg = replace(
+                    cfg,
+                    tool_call_start=FALLBACK_TOOL_START,
+                    tool_call_end=FALLBACK_TOOL_END,
+                    parse_tool_call=json_tool_call_parser,
+                )
+        return cfg
+
+    # ---------- generation ----------
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """Validate, render, queue, then stream events until Finish."""
+        if self._closing:
+            raise Unavailable("the node is shutting down")
+        sampling = resolve_sampling(request.sampling, self.defaults)
+        lm = await self._model(request.model)
+        prompt = request.prompt
+        if isinstance(prompt, ChatPrompt):
+            ids = await asyncio.to_thread(self._render_sync, lm, prompt)
+        elif isinstance(prompt, TextPrompt):
+            if not prompt.text:
+                raise InvalidRequest("must not be empty", field="text")
+            ids = list(lm.tokenizer.encode(prompt.text, add_special_tokens=True))
+        else:
+            ids = list(prompt.ids)
+            vocab = len(lm.tokenizer)
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
+        if not ids:
+            raise InvalidRequest("the prompt is empty", field="input")
+        if len(ids) >= lm.context_length:
+            raise PromptTooLong(len(ids), lm.context_length)
+        # Clamp rather than reject: clients ask for more than fits all the time.
+        sampling = replace(
+            sampling, max_tokens=min(sampling.max_tokens, lm.context_length - len(ids))
+        )
+        if self._engine.waiting >= self._engine.max_waiting:
+            raise Overloaded(
+                f"{self._engine.waiting} requests already waiting on this node; retry later"
+            )
+        request_id = request.request_id or f"req_{uuid.uuid4().hex[:16]}"
+        job = GenJob(
+            request_id=request_id,
+            model_id=lm.entry.id,
+            model=lm.model,
+            tokenizer=lm.tokenizer,
+            prompt_ids=ids,
+            sampling=sampling,
+            parser_config=self._parser_config(lm, ids, request.all_tools, sampling.stop),
+            stats=lm.stats,
+            loop=asyncio.get_running_loop(),
+        )
+        position = self._engine.submit(job)
+        try:
+            yield Started(
+                request_id=request_id,
+                model=lm.entry.id,
+                prompt_tokens=len(ids),
+                queue_position=position,
+            )
+            while True:
+                event = await job.events.get()
+                yield event
+                if isinstance(event, Finish):
+                    return
+        finally:
+            # Consumer gone (cancelled, disconnected, or done): stop the engine work.
+            if not job.finished:
+                job.cancelled = True
+
+    def load_stats(self) -> list[ModelLoad]:
+        return [
+            ModelLoad(
+                model=mid,
+                running=lm.stats.running,
+                waiting=lm.stats.waiting,
+                queued_prefill_tokens=max(0, lm.stats.queued_prefill_tokens),
+                prefill_tokens_per_second=lm.stats.prefill_tps,
+                decode_tokens_per_second=lm.stats.decode_tps,
+            )
+            for mid, lm in self._models.items()
+        ]
+
+    @property
+    def running(self) -> int:
+        return self._engine.running
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens decoded since start, over all requests."""
+        return self._engine.tokens_generated
+
+    @property
+    def waiting(self) -> int:
+        return self._engine.waiting
+
+    async def close(self, grace: float) -> None:
+        """Refuse new work, let in-flight streams finish for `grace` s, then cancel."""
+        self._closing = True
+        deadline = time.monotonic() + grace
+        while (self._engine.running or self._engine.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._engine.stop)
+        self._models.clear()

@@ -1,0 +1,326 @@
+"""The one thread that owns every MLX model on this node.
+
+MLX (and Metal) must not be driven from several threads, so all model work
+(load, unload, prefill, decode) runs here. Generations are stepped round-robin,
+one token each per turn, so concurrent streams all make progress; each request
+brings its own asyncio queue, and events travel back through
+`loop.call_soon_threadsafe`. Cancellation is a flag checked before every step
+and between prefill chunks, so a cancelled call stops within a token or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.types import ErrorEvent, Finish, FinishReason, GenerateEvent, Usage
+from node.backends.outparse import OutputParser, ParserConfig
+from node.sampling import ResolvedSampling
+
+log = logging.getLogger(__name__)
+
+# Smoothing of the measured prefill/decode rates reported to coordinators.
+_EMA = 0.3
+
+
+class _Aborted(Exception):
+    """Raised inside prefill (from the progress callback) to abandon a request."""
+
+
+@dataclass
+class ModelStats:
+    """Per-model load and measured speed; written by the engine thread only."""
+
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+
+    def observe(self, prompt_tokens: int, prompt_s: float, gen_tokens: int, gen_s: float) -> None:
+        if prompt_tokens > 0 and prompt_s > 0:
+            rate = prompt_tokens / prompt_s
+            self.prefill_tps = (
+                rate if not self.prefill_tps else _EMA * rate + (1 - _EMA) * (self.prefill_tps)
+            )
+        if gen_tokens > 1 and gen_s > 0:
+            rate = (gen_tokens - 1) / gen_s
+            self.decode_tps = (
+                rate if not self.decode_tps else _EMA * rate + (1 - _EMA) * (self.decode_tps)
+            )
+
+
+@dataclass
+class GenJob:
+    """One generation, shared between the event loop and the engine thread."""
+
+    request_id: str
+    model_id: str
+    model: Any
+    tokenizer: Any
+    prompt_ids: list[int]
+    sampling: ResolvedSampling
+    parser_config: ParserConfig
+    stats: ModelStats
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[GenerateEvent] = field(default_factory=asyncio.Queue)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    # Set from the event loop; read by the engine thread (a plain bool is
+    # enough under the GIL: the thread only ever polls it).
+    cancelled: bool = False
+    finished: bool = False
+    # Engine-thread state.
+    _gen: Iterator[Any] | None = None
+    _parser: OutputParser | None = None
+    _tokens: int = 0
+    _started_at: float = 0.0
+    _first_at: float = 0.0
+
+
+def _make_sampler(s: ResolvedSampling) -> Callable[[Any], Any]:
+    """A sampler with its own PRNG key, so a seed reproduces however streams interleave."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    if s.greedy:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    seed = s.seed if s.seed is not None else secrets.randbits(63)
+    key = [mx.random.key(seed % (1 << 63))]
+    inv_temp = 1.0 / s.temperature
+
+    def sample(logprobs: Any) -> Any:
+        if 0.0 < s.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, s.top_p)
+        if s.min_p > 0.0:
+            logprobs = apply_min_p(logprobs, s.min_p)
+        if s.top_k > 0:
+            logprobs = apply_top_k(logprobs, s.top_k)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+class Engine:
+    """Runs model work on one thread; see the module docstring."""
+
+    def __init__(self, *, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._inbox: queue.Queue[GenJob | Callable[[], None] | None] = queue.Queue()
+        self._waiting: deque[GenJob] = deque()
+        self._active: list[GenJob] = []
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet running (for queue positions)
+        self._running = 0
+        # Tokens decoded since start, all requests (metrics; cancel latency in tests).
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    # ---------- called from the event loop ----------
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return self._queued
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `fn` on the engine thread; the future gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._inbox.put(job)
+        return fut
+
+    def submit(self, job: GenJob) -> int:
+        """Queue a generation; returns how many requests wait ahead of it."""
+        with self._lock:
+            # 1-based place among waiting requests; 0 = runs at once.
+            ahead = max(0, self._running + self._queued - self.max_running + 1)
+            self._queued += 1
+            job.stats.waiting += 1
+            job.stats.queued_prefill_tokens += len(job.prompt_ids)
+        self._inbox.put(job)
+        return ahead
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread after it cancels what is still queued or running."""
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # ---------- engine thread ----------
+
+    def _next_item(self, block: bool) -> GenJob | Callable[[], None] | bool | None:
+        """The next inbox item; False when the inbox is empty."""
+        try:
+            return self._inbox.get(block=block)
+        except queue.Empty:
+            return False
+
+    def _run(self) -> None:
+        while True:
+            # Sleep only when there is nothing to step.
+            item = self._next_item(block=not self._active and not self._waiting)
+            while item is not False:
+                if item is None:
+                    self._shutdown()
+                    return
+                if isinstance(item, GenJob):
+                    self._waiting.append(item)
+                elif callable(item):
+                    item()
+                item = self._next_item(block=False)
+            while self._waiting and len(self._active) < self.max_running:
+                job = self._waiting.popleft()
+                with self._lock:
+                    self._queued -= 1
+                    self._running += 1
+                    job.stats.waiting -= 1
+                    job.stats.running += 1
+                self._active.append(job)
+            for job in list(self._active):
+                self._step(job)
+
+    def _shutdown(self) -> None:
+        for job in [*self._active, *self._waiting]:
+            if not job.finished:
+                self._emit(job, ErrorEvent("UNAVAILABLE", "the node is shutting down"))
+                self._end(job, FinishReason.CANCELLED)
+
+    def _emit(self, job: GenJob, event: GenerateEvent) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            job.cancelled = True
+
+    def _start(self, job: GenJob) -> None:
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors
+
+        def progress(_done: int, _total: int) -> None:
+            if job.cancelled:
+                raise _Aborted
+
+        processors = None
+        if job.sampling.repetition_penalty != 1.0:
+            processors = make_logits_processors(repetition_penalty=job.sampling.repetition_penalty)
+        job._parser = OutputParser(job.parser_config)
+        job._started_at = time.perf_counter()
+        job._gen = stream_generate(
+            job.model,
+            job.tokenizer,
+            job.prompt_ids,
+            max_tokens=job.sampling.max_tokens,
+            sampler=_make_sampler(job.sampling),
+            logits_processors=processors,
+            prompt_progress_callback=progress,
+        )
+
+    def _step(self, job: GenJob) -> None:
+        if job.cancelled:
+            self._end(job, FinishReason.CANCELLED)
+            return
+        try:
+            if job._gen is None:
+                self._start(job)
+            assert job._gen is not None and job._parser is not None
+            resp = next(job._gen, None)
+        except _Aborted:
+            self._end(job, FinishReason.CANCELLED)
+            return
+        except Exception as exc:
+            log.exception("generation %s failed", job.request_id)
+            self._emit(job, ErrorEvent("INTERNAL", f"generation failed: {exc}"))
+            self._end(job, FinishReason.ERROR)
+            return
+        parser = job._parser
+        if resp is None:  # generator exhausted without a final response
+            self._flush(job, parser.finish())
+            self._end(job, FinishReason.TOOL_CALLS if parser.tool_calls else FinishReason.STOP)
+            return
+        if not job._first_at:
+            job._first_at = time.perf_counter()
+            with self._lock:
+                job.stats.queued_prefill_tokens -= len(job.prompt_ids)
+        reason = resp.finish_reason
+        if reason is None or reason == "length":
+            job._tokens += 1
+            self.tokens_generated += 1
+        self._flush(job, parser.feed(resp.text))
+        if parser.stopped:
+            self._end(job, FinishReason.STOP_SEQUENCE, parser.stop_sequence)
+        elif reason is not None:
+            self._flush(job, parser.finish())
+            if reason == "length":
+                self._end(job, FinishReason.LENGTH)
+            else:
+                self._end(job, FinishReason.TOOL_CALLS if parser.tool_calls else FinishReason.STOP)
+
+    def _flush(self, job: GenJob, events: list[Any]) -> None:
+        for ev in events:
+            self._emit(job, ev)
+
+    def _end(self, job: GenJob, reason: FinishReason, stop_sequence: str = "") -> None:
+        if job._gen is not None and hasattr(job._gen, "close"):
+            job._gen.close()
+        job._gen = None
+        now = time.perf_counter()
+        started = job._started_at or now
+        first = job._first_at or now
+        prompt_s = first - started if job._started_at else 0.0
+        gen_s = now - first if job._first_at else 0.0
+        usage = Usage(
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=job._tokens,
+            cached_prompt_tokens=0,
+            prompt_seconds=prompt_s,
+            generation_seconds=gen_s,
+            queue_seconds=started - job.enqueued_at,
+        )
+        with self._lock:
+            if job in self._active:
+                self._active.remove(job)
+                self._running -= 1
+                job.stats.running -= 1
+            elif job in self._waiting:
+                self._waiting.remove(job)
+                self._queued -= 1
+                job.stats.waiting -= 1
+            if not job._first_at:
+                job.stats.queued_prefill_tokens -= len(job.prompt_ids)
+        if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE) or (
+            reason is FinishReason.TOOL_CALLS
+        ):
+            job.stats.observe(len(job.prompt_ids), prompt_s, job._tokens, gen_s)
+        job.finished = True
+        self._emit(job, Finish(reason=reason, usage=usage, stop_sequence=stop_sequence))
+
+
+def _set_result(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,110 @@
+"""The gRPC servicer: decodes requests, calls NodeCore, maps errors to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from mesh import wire
+from mesh.errors import MeshError
+from node.service import NodeCore
+from proto import node_pb2 as pb
+from proto import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WATCH_INTERVAL_MS = 1000
+MIN_WATCH_INTERVAL_MS = 50
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], err: MeshError) -> None:
+    log.info("rejected: %s %s", err.code, err.message)
+    await context.abort(wire.status_code(err), err.message)
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    """macmesh.v1.Node over a NodeCore."""
+
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        try:
+            req = wire.request_from_pb(request)
+            stream = self.core.generate(req)
+            # Rejections before the first event travel as a status, not an event.
+            first = await anext(stream)
+        except MeshError as err:
+            await _abort(context, err)
+            return
+        try:
+            yield wire.event_to_pb(first)
+            async for event in stream:
+                yield wire.event_to_pb(event)
+        finally:
+            await stream.aclose()
+
+    async def RenderPrompt(
+        self, request: pb.RenderPromptRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RenderPromptResponse:
+        try:
+            rendered = await self.core.render(
+                request.model, wire.chat_from_pb(request.chat), request.include_text
+            )
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return wire.rendered_to_pb(rendered)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.TokenizeResponse:
+        try:
+            ids = await self.core.tokenize(request.model, request.text, request.add_special_tokens)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[wire.model_to_pb(m) for m in self.core.list_models()])
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.LoadModelResponse:
+        try:
+            info, seconds = await self.core.load(request.model)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return pb.LoadModelResponse(model=wire.model_to_pb(info), load_seconds=seconds)
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.UnloadModelResponse:
+        try:
+            was = await self.core.unload(request.model)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return pb.UnloadModelResponse(was_loaded=was)
+
+    async def WatchState(
+        self, request: pb.WatchStateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.NodeState]:
+        interval_ms = request.interval_ms or DEFAULT_WATCH_INTERVAL_MS
+        interval = max(interval_ms, MIN_WATCH_INTERVAL_MS) / 1000
+        while True:
+            changed = self.core.change_event()
+            yield wire.state_to_pb(self.core.snapshot())
+            # On timeout: a heartbeat, the (possibly unchanged) state anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), interval)

