@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.paths import macmesh_home
+
+__all__ = ["DEFAULT_GRPC_PORT", "NodeConfig", "SamplingDefaults", "SimModelSpec", "macmesh_home"]
+
 DEFAULT_GRPC_PORT = 50151
-
-
-def macmesh_home() -> Path:
-    """The state dir: `$MACMESH_HOME`, default `~/.macmesh`."""
-    env = os.environ.get("MACMESH_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".macmesh"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +22,35 @@ class SamplingDefaults:
     min_p: float = 0.0
     max_tokens: int = 4096
     repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimModelSpec:
+    """A simulated model: name and the rates it runs at."""
+
+    name: str
+    prefill_tps: float = 2000.0
+    decode_tps: float = 50.0
+    context_length: int = 32768
+
+    @classmethod
+    def parse(cls, spec: str) -> SimModelSpec:
+        """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT]]]`, e.g. `sim-7b:1500:40`."""
+        parts = spec.split(":")
+        if not parts[0]:
+            raise ValueError(f"simulated model spec {spec!r} has no name")
+        try:
+            nums = [float(p) for p in parts[1:4]]
+        except ValueError:
+            raise ValueError(f"simulated model spec {spec!r}: rates must be numbers") from None
+        if any(n <= 0 for n in nums):
+            raise ValueError(f"simulated model spec {spec!r}: rates must be > 0")
+        kwargs: dict[str, float | int] = {}
+        for key, value in zip(("prefill_tps", "decode_tps"), nums[:2], strict=False):
+            kwargs[key] = value
+        if len(nums) > 2:
+            kwargs["context_length"] = int(nums[2])
+        return cls(parts[0], **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +74,8 @@ class NodeConfig:
     # Seconds in-flight streams get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # SIMULATED models (benchmarks, routing tests): served by node.backends.sim.
+    sim_models: tuple[SimModelSpec, ...] = ()
 
     @property
     def resolved_models_dir(self) -> Path:
