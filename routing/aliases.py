@@ -1,0 +1,214 @@
+"""Model-name resolution: what a client asks for -> the local model that answers.
+
+The chain (first match wins):
+
+1. exact alias            `model_aliases.json` key equal to the name
+2. served model           the name is a model some node serves
+3. wildcard alias         `model_aliases.json` key with `*`/`?`/`[` (fnmatch), in file order
+4. Claude tier            `claude_routing.json`: names starting with `claude` or containing
+                          haiku/sonnet/opus pick that tier (regex `patterns` first)
+5. Claude default         `claude_routing.json` `default_model`, for Claude names
+6. default model          the coordinator's default model (`--default-model`)
+
+Seed-compatible formats (MLX Studio): an alias value is a model id or a path
+(`~` and `$VARS` expanded; the last path component is the model id), or an
+object `{"model": ..., "backend": "mlx"|"gguf", "draft_model": ...}`. A target
+ending in `.gguf` means the gguf backend unless an entry says otherwise.
+No I/O here: callers load the files and pass their parsed JSON.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.errors import InvalidRequest
+
+TIERS = ("haiku", "sonnet", "opus")
+BACKENDS = ("mlx", "gguf")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a name points: a model id, its backend, an optional draft model."""
+
+    model: str
+    backend: str | None = None
+    draft_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaudeRouting:
+    """`claude_routing.json`."""
+
+    enabled: bool = True
+    tiers: Mapping[str, Target] = field(default_factory=dict)
+    default_model: str | None = None
+    # (regex, tier) tried with re.match, case-insensitive, before keywords.
+    patterns: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Everything resolution needs."""
+
+    aliases: Mapping[str, Target] = field(default_factory=dict)
+    claude: ClaudeRouting = field(default_factory=ClaudeRouting)
+    default_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The outcome: `model` on `backend`, and which rule decided it."""
+
+    requested: str
+    model: str
+    backend: str
+    draft_model: str | None
+    rule: str
+    tier: str | None = None
+
+
+def model_id(target: str) -> str:
+    """A path becomes its last component; anything else (an id, `org/repo`) stays."""
+    t = os.path.expandvars(os.path.expanduser(target.strip()))
+    if t.startswith(("/", "./", "../")) or target.strip().startswith("~"):
+        return os.path.basename(t.rstrip("/"))
+    return t
+
+
+def detect_backend(model: str, explicit: str | None = None) -> str:
+    """Explicit backend, else `.gguf` -> gguf, else mlx."""
+    if explicit:
+        return explicit
+    return "gguf" if model.lower().endswith(".gguf") else "mlx"
+
+
+def _target(value: Any, field_name: str) -> Target:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidRequest("must not be empty", field=field_name)
+        return Target(model=model_id(value))
+    if isinstance(value, Mapping):
+        model = value.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequest("needs a non-empty string 'model'", field=field_name)
+        backend = value.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise InvalidRequest(
+                f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}",
+                field=f"{field_name}.backend",
+            )
+        draft = value.get("draft_model")
+        if draft is not None and not isinstance(draft, str):
+            raise InvalidRequest("must be a string or null", field=f"{field_name}.draft_model")
+        return Target(model=model_id(model), backend=backend, draft_model=draft or None)
+    raise InvalidRequest("must be a model id, a path, or an object with 'model'", field=field_name)
+
+
+def parse_aliases(data: Any) -> dict[str, Target]:
+    """Validate `model_aliases.json` (a JSON object of name -> target)."""
+    if not isinstance(data, Mapping):
+        raise InvalidRequest("model_aliases.json must be a JSON object")
+    out: dict[str, Target] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("alias names must be non-empty strings", field="aliases")
+        out[name] = _target(value, f"aliases[{name}]")
+    return out
+
+
+def parse_claude_routing(data: Any) -> ClaudeRouting:
+    """Validate `claude_routing.json`; tiers with a null model are unset."""
+    if not isinstance(data, Mapping):
+        raise InvalidRequest("claude_routing.json must be a JSON object")
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("must be true or false", field="enabled")
+    tiers_raw = data.get("tiers", {})
+    if not isinstance(tiers_raw, Mapping):
+        raise InvalidRequest("must be an object of tier -> {model, ...}", field="tiers")
+    tiers: dict[str, Target] = {}
+    for tier, value in tiers_raw.items():
+        if tier not in TIERS:
+            raise InvalidRequest(
+                f"unknown tier (expected {', '.join(TIERS)})", field=f"tiers.{tier}"
+            )
+        if isinstance(value, Mapping) and value.get("model") in (None, ""):
+            continue  # seed writes {"model": null} for an unset tier
+        tiers[tier] = _target(value, f"tiers.{tier}")
+    default = data.get("default_model")
+    if default is not None and not isinstance(default, str):
+        raise InvalidRequest("must be a string or null", field="default_model")
+    patterns_raw = data.get("patterns", {})
+    if not isinstance(patterns_raw, Mapping):
+        raise InvalidRequest("must be an object of regex -> tier", field="patterns")
+    patterns: list[tuple[str, str]] = []
+    for regex, tier in patterns_raw.items():
+        if tier not in TIERS:
+            raise InvalidRequest(f"unknown tier {tier!r}", field=f"patterns[{regex}]")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise InvalidRequest(f"invalid regex: {exc}", field=f"patterns[{regex}]") from None
+        patterns.append((regex, tier))
+    return ClaudeRouting(
+        enabled=enabled,
+        tiers=tiers,
+        default_model=model_id(default) if default else None,
+        patterns=tuple(patterns),
+    )
+
+
+def claude_tier(name: str, routing: ClaudeRouting) -> str | None:
+    """The tier a Claude-style name belongs to, or None for non-Claude names."""
+    for regex, tier in routing.patterns:
+        if re.match(regex, name, re.IGNORECASE):
+            return tier
+    lower = name.lower()
+    for tier in ("haiku", "opus", "sonnet"):
+        if tier in lower:
+            return tier
+    # Claude names without a known tier keyword route like the seed: sonnet.
+    return "sonnet" if lower.startswith("claude") else None
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _resolved(name: str, t: Target, rule: str, tier: str | None = None) -> Resolution:
+    return Resolution(
+        requested=name,
+        model=t.model,
+        backend=detect_backend(t.model, t.backend),
+        draft_model=t.draft_model,
+        rule=rule,
+        tier=tier,
+    )
+
+
+def resolve(name: str, config: RoutingConfig, served: Collection[str] = ()) -> Resolution | None:
+    """Resolve `name` through the chain above; None when nothing matches."""
+    exact = config.aliases.get(name)
+    if exact is not None and not _is_pattern(name):
+        return _resolved(name, exact, "alias")
+    if name in served:
+        return _resolved(name, Target(name), "exact")
+    for pattern, target in config.aliases.items():
+        if _is_pattern(pattern) and fnmatch.fnmatchcase(name, pattern):
+            return _resolved(name, target, f"wildcard:{pattern}")
+    claude = config.claude
+    tier = claude_tier(name, claude)
+    if tier is not None:
+        if claude.enabled and tier in claude.tiers:
+            return _resolved(name, claude.tiers[tier], f"tier:{tier}", tier)
+        if claude.default_model:
+            return _resolved(name, Target(claude.default_model), "claude-default", tier)
+    if config.default_model:
+        return _resolved(name, Target(config.default_model), "default", tier)
+    return None
