@@ -27,6 +27,7 @@ from mesh.types import (
     Started,
 )
 from node.backends.mlx import MLXBackend
+from node.backends.sim import SimBackend
 from node.config import NodeConfig
 from node.models.catalog import Catalog
 
@@ -77,6 +78,9 @@ class NodeCore:
             max_running=config.max_running,
             max_waiting=config.max_waiting,
         )
+        self.sim = (
+            SimBackend(config.sim_models, defaults=config.sampling) if config.sim_models else None
+        )
         self.draining = False
         self._sequence = 0
         self._changed = asyncio.Event()
@@ -93,8 +97,12 @@ class NodeCore:
         """Set at the next change; take it before reading a snapshot."""
         return self._changed
 
+    def _backends(self) -> list[MLXBackend | SimBackend]:
+        return [self.mlx] if self.sim is None else [self.mlx, self.sim]
+
     def snapshot(self) -> NodeState:
         vm = psutil.virtual_memory()
+        load = [x for b in self._backends() for x in b.load_stats()]
         self._sequence += 1
         return NodeState(
             node_id=self.node_id,
@@ -108,9 +116,9 @@ class NodeCore:
                 available_bytes=vm.available,
                 framework_bytes=framework_memory(),
             ),
-            load=tuple(self.mlx.load_stats()),
-            running=self.mlx.running,
-            waiting=self.mlx.waiting,
+            load=tuple(load),
+            running=sum(b.running for b in self._backends()),
+            waiting=sum(b.waiting for b in self._backends()),
             draining=self.draining,
         )
 
@@ -134,9 +142,13 @@ class NodeCore:
                     quantization=entry.quantization,
                 )
             )
+        if self.sim is not None:
+            out.extend(self.sim.loaded().values())
         return out
 
-    def _backend_for(self, model_id: str) -> MLXBackend:
+    def _backend_for(self, model_id: str) -> MLXBackend | SimBackend:
+        if self.sim is not None and model_id in self.sim.specs:
+            return self.sim
         # Loaded models skip the catalog: no disk scan on the request path.
         if model_id in self.mlx.loaded():
             return self.mlx
@@ -151,6 +163,8 @@ class NodeCore:
         return result
 
     async def unload(self, model_id: str) -> bool:
+        if self.sim is not None and model_id in self.sim.specs:
+            return False
         was = await self.mlx.unload(model_id)
         self.notify()
         return was
@@ -184,4 +198,4 @@ class NodeCore:
         """Drain: refuse new requests, give in-flight ones `grace` s, free models."""
         self.draining = True
         self.notify()
-        await self.mlx.close(grace)
+        await asyncio.gather(*(b.close(grace) for b in self._backends()))

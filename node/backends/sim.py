@@ -1,0 +1,198 @@
+"""A SIMULATED engine: deterministic text at configured prefill/decode rates.
+
+For benchmarks and routing tests only (the node labels these models with
+backend "sim"). It implements the same Backend protocol as MLX: it tokenizes
+(one token per UTF-8 byte), renders a ChatML-like template, and "generates" by
+sleeping `prompt_tokens / prefill_tps` then emitting one word per
+`1 / decode_tps` seconds. Sleeping, not computing, means many simulated nodes
+fit on one small machine, and timing noise stays around a millisecond: it
+isolates what macmesh itself adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+from mesh.errors import InvalidRequest, ModelNotFound, PromptTooLong, Unavailable
+from mesh.types import (
+    ChatPrompt,
+    Finish,
+    FinishReason,
+    GenerateEvent,
+    GenerateRequest,
+    ModelInfo,
+    ModelLoad,
+    RenderedPrompt,
+    Started,
+    TextPrompt,
+    Usage,
+)
+from node.backends.chat_template import validate_chat
+from node.backends.outparse import OutputParser, ParserConfig
+from node.config import SamplingDefaults, SimModelSpec
+from node.sampling import resolve_sampling
+
+_WORDS = (
+    "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
+    "lighthouse", "keeper", "watches", "the", "sea", "and", "counts", "the", "waves", "under",
+    "a", "pale", "moon",
+)  # fmt: skip
+
+
+def sim_tokenize(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def sim_render(chat: ChatPrompt) -> str:
+    validate_chat(chat)
+    parts = []
+    if chat.tools:
+        parts.append("<|tools|>\n" + "\n".join(t.name for t in chat.tools) + "\n")
+    for m in chat.messages:
+        parts.append(f"<|{m.role}|>\n{m.content}\n")
+    if chat.add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+class SimBackend:
+    """Backend protocol over simulated models (always "loaded")."""
+
+    name = "sim"
+
+    def __init__(self, specs: tuple[SimModelSpec, ...], *, defaults: SamplingDefaults) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.defaults = defaults
+        self._running: dict[str, int] = dict.fromkeys(self.specs, 0)
+        self._prefill: dict[str, int] = dict.fromkeys(self.specs, 0)
+        self.tokens_generated = 0
+        self._closing = False
+
+    def _spec(self, model_id: str) -> SimModelSpec:
+        spec = self.specs.get(model_id)
+        if spec is None:
+            raise ModelNotFound(model_id, self.specs)
+        return spec
+
+    def info(self, spec: SimModelSpec) -> ModelInfo:
+        return ModelInfo(
+            id=spec.name,
+            backend="sim",
+            source="simulated",
+            path="",
+            loaded=True,
+            context_length=spec.context_length,
+            quantization=f"simulated {spec.prefill_tps:g}/{spec.decode_tps:g} tok/s",
+        )
+
+    def loaded(self) -> dict[str, ModelInfo]:
+        return {name: self.info(s) for name, s in self.specs.items()}
+
+    async def load(self, model_id: str) -> tuple[ModelInfo, float]:
+        return self.info(self._spec(model_id)), 0.0
+
+    async def unload(self, model_id: str) -> bool:
+        self._spec(model_id)
+        return False  # simulated models cannot be unloaded
+
+    async def render(
+        self, model_id: str, chat: ChatPrompt, include_text: bool = False
+    ) -> RenderedPrompt:
+        spec = self._spec(model_id)
+        text = sim_render(chat)
+        return RenderedPrompt(
+            tuple(sim_tokenize(text)), spec.context_length, text if include_text else ""
+        )
+
+    async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
+        self._spec(model_id)
+        return sim_tokenize(text)
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        if self._closing:
+            raise Unavailable("the node is shutting down")
+        spec = self._spec(request.model)
+        sampling = resolve_sampling(request.sampling, self.defaults)
+        prompt = request.prompt
+        if isinstance(prompt, ChatPrompt):
+            ids = sim_tokenize(sim_render(prompt))
+        elif isinstance(prompt, TextPrompt):
+            ids = sim_tokenize(prompt.text)
+        else:
+            ids = list(prompt.ids)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", field="input")
+        if len(ids) >= spec.context_length:
+            raise PromptTooLong(len(ids), spec.context_length)
+        max_tokens = min(sampling.max_tokens, spec.context_length - len(ids))
+        parser = OutputParser(ParserConfig(stop=sampling.stop))
+        request_id = request.request_id or f"sim_{uuid.uuid4().hex[:16]}"
+        self._running[spec.name] += 1
+        self._prefill[spec.name] += len(ids)
+        t0 = time.perf_counter()
+        prefilled = False
+        n = 0
+        reason = FinishReason.LENGTH
+        try:
+            yield Started(request_id, spec.name, len(ids))
+            await asyncio.sleep(len(ids) / spec.prefill_tps)
+            self._prefill[spec.name] -= len(ids)
+            prefilled = True
+            t1 = time.perf_counter()
+            # Decode on a fixed schedule so per-token costs don't accumulate drift.
+            start = time.perf_counter()
+            while n < max_tokens:
+                word = _WORDS[(len(ids) + n) % len(_WORDS)]
+                n += 1
+                self.tokens_generated += 1
+                for ev in parser.feed(word if n == 1 else " " + word):
+                    yield ev
+                if parser.stopped:
+                    reason = FinishReason.STOP_SEQUENCE
+                    break
+                if n < max_tokens:
+                    delay = start + n / spec.decode_tps - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+            for ev in parser.finish():
+                yield ev
+            usage = Usage(
+                prompt_tokens=len(ids),
+                completion_tokens=n,
+                prompt_seconds=t1 - t0,
+                generation_seconds=time.perf_counter() - t1,
+            )
+            yield Finish(reason, usage, parser.stop_sequence)
+        finally:
+            self._running[spec.name] -= 1
+            if not prefilled:
+                self._prefill[spec.name] -= len(ids)
+
+    def load_stats(self) -> list[ModelLoad]:
+        return [
+            ModelLoad(
+                model=name,
+                running=self._running[name],
+                queued_prefill_tokens=max(0, self._prefill[name]),
+                prefill_tokens_per_second=s.prefill_tps,
+                decode_tokens_per_second=s.decode_tps,
+            )
+            for name, s in self.specs.items()
+        ]
+
+    @property
+    def running(self) -> int:
+        return sum(self._running.values())
+
+    @property
+    def waiting(self) -> int:
+        return 0
+
+    async def close(self, grace: float) -> None:
+        self._closing = True
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
