@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,66 @@ def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 async def client(node: RunningNode) -> AsyncIterator[NodeClient]:
     async with NodeClient(node.target, timeout=300) as c:
         yield c
+
+
+@dataclass
+class RunningCoordinator:
+    """A real uvicorn serving the coordinator app from its own thread."""
+
+    server: Any
+    thread: threading.Thread
+    app: Any
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_coordinator(config: Any, *, wait_nodes: int = 1) -> RunningCoordinator:
+    """Start the coordinator on port 0 and wait until it sees `wait_nodes` nodes."""
+    import httpx
+    import uvicorn
+
+    from coordinator.app import create_app
+
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="test-coordinator", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("coordinator did not start")
+        time.sleep(0.02)
+    running = RunningCoordinator(server, thread, app)
+    while wait_nodes:
+        body = httpx.get(f"{running.base_url}/health").json()
+        if body["nodes_online"] >= wait_nodes:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"coordinator sees {body['nodes_online']} nodes")
+        time.sleep(0.05)
+    return running
+
+
+@pytest.fixture(scope="session")
+def coordinator(
+    node: RunningNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningCoordinator]:
+    """A coordinator in front of the session node; its config files live in a temp home."""
+    from coordinator.config import CoordinatorConfig
+
+    home = tmp_path_factory.mktemp("coord-home")
+    running = start_coordinator(CoordinatorConfig(home=home, peers=(node.target,)))
+    yield running
+    running.stop()

@@ -1,0 +1,1 @@
+"""HTTP API surfaces: Anthropic Messages, OpenAI, admin."""

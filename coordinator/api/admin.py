@@ -1,0 +1,230 @@
+"""Admin API under /api/: config files (validated, atomic, applied at once) and the mesh view.
+
+Routes (seed-compatible where MLX Studio had one):
+
+    GET    /api/aliases                     {"aliases": {...}}
+    PUT    /api/aliases                     replace all (body: the object, or {"aliases": {...}})
+    POST   /api/aliases                     set one: {"alias": ..., "model_path"|"model": ...}
+    DELETE /api/aliases/{alias}
+    GET    /api/routing/config              claude_routing.json
+    PUT    /api/routing/config              replace (POST is accepted too)
+    GET    /api/routing/resolve/{model}     how a name resolves now, and where it would go
+    GET    /api/inference-settings          inference_settings.json
+    PUT    /api/inference-settings          replace
+    GET    /api/nodes                       every known node with its live state
+    GET    /api/models                      every model in the mesh and which nodes serve it
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from coordinator.api.common import openai_error
+from coordinator.nodes import NodeView
+from coordinator.service import ChatService
+from coordinator.settings import SettingsStore
+from mesh.errors import InvalidRequest, MeshError, ModelNotFound
+
+router = APIRouter(prefix="/api", tags=["admin"])
+
+
+def _service(request: Request) -> ChatService:
+    service: ChatService = request.app.state.service
+    return service
+
+
+def _settings(request: Request) -> SettingsStore:
+    settings: SettingsStore = request.app.state.settings
+    return settings
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _replace(request: Request, name: str, data: Any) -> JSONResponse:
+    try:
+        saved = _settings(request).replace(name, data)
+    except MeshError as err:
+        return openai_error(err)
+    return JSONResponse({"status": "updated", name: saved})
+
+
+@router.get("/aliases")
+async def get_aliases(request: Request) -> JSONResponse:
+    s = _settings(request)
+    return JSONResponse({"aliases": s.raw("aliases"), "error": s.errors().get("aliases")})
+
+
+@router.put("/aliases")
+async def put_aliases(request: Request) -> JSONResponse:
+    try:
+        data = await _json(request)
+    except MeshError as err:
+        return openai_error(err)
+    if isinstance(data, dict) and set(data) == {"aliases"}:
+        data = data["aliases"]
+    return _replace(request, "aliases", data)
+
+
+@router.post("/aliases")
+async def set_alias(request: Request) -> JSONResponse:
+    try:
+        data = await _json(request)
+        if not isinstance(data, dict) or not isinstance(data.get("alias"), str):
+            raise InvalidRequest("expected {'alias': ..., 'model': ...}", field="alias")
+        target = data.get("model", data.get("model_path"))
+        if target is None:
+            raise InvalidRequest("field required", field="model")
+    except MeshError as err:
+        return openai_error(err)
+    aliases = dict(_settings(request).raw("aliases") or {})
+    aliases[data["alias"]] = target
+    return _replace(request, "aliases", aliases)
+
+
+@router.delete("/aliases/{alias:path}")
+async def delete_alias(request: Request, alias: str) -> JSONResponse:
+    aliases = dict(_settings(request).raw("aliases") or {})
+    if alias not in aliases:
+        return openai_error(ModelNotFound(alias, aliases))
+    del aliases[alias]
+    return _replace(request, "aliases", aliases)
+
+
+@router.get("/routing/config")
+async def get_routing(request: Request) -> JSONResponse:
+    s = _settings(request)
+    return JSONResponse({**(s.raw("routing") or {}), "error": s.errors().get("routing")})
+
+
+@router.api_route("/routing/config", methods=["PUT", "POST"])
+async def put_routing(request: Request) -> JSONResponse:
+    try:
+        data = await _json(request)
+    except MeshError as err:
+        return openai_error(err)
+    if isinstance(data, dict):
+        data.pop("error", None)  # what GET adds
+    return _replace(request, "routing", data)
+
+
+@router.get("/routing/resolve/{name:path}")
+async def resolve_preview(request: Request, name: str) -> JSONResponse:
+    service = _service(request)
+    try:
+        res = service.resolve(name)
+    except MeshError as err:
+        return openai_error(err)
+    nodes = [v.node_id for v in service.registry.served_models().get(res.model, [])]
+    return JSONResponse(
+        {
+            "original": name,
+            "resolved": res.model,
+            "backend": res.backend,
+            "draft_model": res.draft_model,
+            "rule": res.rule,
+            "tier": res.tier,
+            "nodes": nodes,
+        }
+    )
+
+
+@router.get("/inference-settings")
+async def get_inference(request: Request) -> JSONResponse:
+    s = _settings(request)
+    return JSONResponse({**(s.raw("inference") or {}), "error": s.errors().get("inference")})
+
+
+@router.put("/inference-settings")
+async def put_inference(request: Request) -> JSONResponse:
+    try:
+        data = await _json(request)
+    except MeshError as err:
+        return openai_error(err)
+    if isinstance(data, dict):
+        data.pop("error", None)
+    return _replace(request, "inference", data)
+
+
+def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
+    state = view.state
+    out: dict[str, Any] = {
+        "id": view.node_id,
+        "address": view.target,
+        "online": view.online(stale_after),
+        "error": view.error or None,
+        "inflight": view.inflight,
+        "last_seen_seconds": round(time.monotonic() - view.last_seen, 3)
+        if view.last_seen
+        else None,
+    }
+    if state is not None:
+        out.update(
+            version=state.version,
+            draining=state.draining,
+            running=state.running,
+            waiting=state.waiting,
+            memory={
+                "total_bytes": state.memory.total_bytes,
+                "used_bytes": state.memory.used_bytes,
+                "available_bytes": state.memory.available_bytes,
+                "framework_bytes": state.memory.framework_bytes,
+            },
+            models=[
+                {
+                    "id": m.id,
+                    "backend": m.backend,
+                    "loaded": m.loaded,
+                    "context_length": m.context_length,
+                    "memory_bytes": m.memory_bytes,
+                }
+                for m in state.models
+            ],
+            load=[
+                {
+                    "model": x.model,
+                    "running": x.running,
+                    "waiting": x.waiting,
+                    "queued_prefill_tokens": x.queued_prefill_tokens,
+                    "prefill_tokens_per_second": x.prefill_tokens_per_second,
+                    "decode_tokens_per_second": x.decode_tokens_per_second,
+                }
+                for x in state.load
+            ],
+        )
+    return out
+
+
+@router.get("/nodes")
+async def list_nodes(request: Request) -> JSONResponse:
+    registry = _service(request).registry
+    return JSONResponse({"nodes": [_node_json(v, registry.stale_after) for v in registry.nodes()]})
+
+
+@router.get("/models")
+async def list_models(request: Request) -> JSONResponse:
+    service = _service(request)
+    models: list[dict[str, Any]] = []
+    for model_id, views in sorted(service.registry.served_models().items()):
+        infos = [(v, v.model(model_id)) for v in views]
+        first = next(i for _, i in infos if i is not None)
+        models.append(
+            {
+                "id": model_id,
+                "backend": first.backend,
+                "context_length": first.context_length,
+                "quantization": first.quantization,
+                "nodes": [{"id": v.node_id, "loaded": bool(i and i.loaded)} for v, i in infos],
+            }
+        )
+    aliases = _settings(request).raw("aliases") or {}
+    return JSONResponse({"models": models, "aliases": aliases})

@@ -1,0 +1,145 @@
+"""What every HTTP surface shares: body parsing, error envelopes, SSE framing.
+
+Each API maps `mesh.errors` to its own envelope here, once:
+
+    Anthropic  {"type": "error", "error": {"type": ..., "message": ...}}
+    OpenAI     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from mesh import errors
+
+M = TypeVar("M", bound=BaseModel)
+
+# Seconds a client should wait before retrying when no node can serve.
+RETRY_AFTER_SECONDS = 5
+
+
+def http_status(err: errors.MeshError) -> int:
+    """The HTTP status for a mesh error."""
+    if isinstance(err, errors.InvalidRequest):
+        return 400
+    if isinstance(err, errors.Unauthenticated):
+        return 401
+    if isinstance(err, errors.ModelNotFound):
+        return 404
+    if isinstance(err, errors.Unavailable | errors.Overloaded):
+        return 503
+    if isinstance(err, errors.Cancelled):
+        return 499
+    return 500
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    499: "api_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    499: "server_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+def _headers(status: int, extra: dict[str, str] | None) -> dict[str, str]:
+    headers = dict(extra or {})
+    if status == 503:
+        headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+    return headers
+
+
+def anthropic_error_body(err: errors.MeshError) -> dict[str, Any]:
+    status = http_status(err)
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[status], "message": err.message}}
+
+
+def anthropic_error(err: errors.MeshError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An Anthropic-style error response."""
+    status = http_status(err)
+    return JSONResponse(anthropic_error_body(err), status, headers=_headers(status, headers))
+
+
+def openai_error_body(err: errors.MeshError) -> dict[str, Any]:
+    status = http_status(err)
+    code: str | None = None
+    if isinstance(err, errors.ModelNotFound):
+        code = "model_not_found"
+    elif isinstance(err, errors.PromptTooLong):
+        code = "context_length_exceeded"
+    elif isinstance(err, errors.Unauthenticated):
+        code = "invalid_api_key"
+    param = err.field if isinstance(err, errors.InvalidRequest) and err.field else None
+    return {
+        "error": {
+            "message": err.message,
+            "type": _OPENAI_TYPES[status],
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def openai_error(err: errors.MeshError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error response."""
+    status = http_status(err)
+    return JSONResponse(openai_error_body(err), status, headers=_headers(status, headers))
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_error(exc: ValidationError) -> errors.InvalidRequest:
+    """Pydantic's first error as an InvalidRequest naming the field."""
+    first = exc.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    field = _loc(loc)
+    msg = first["msg"]
+    if first["type"] == "missing":
+        msg = "field required"
+    return errors.InvalidRequest(msg[0].lower() + msg[1:] if msg else "invalid", field=field)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Parse and validate a JSON body; InvalidRequest names the bad field."""
+    raw = await request.body()
+    if not raw:
+        raise errors.InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def sse(event: str | None, data: Any) -> bytes:
+    """One server-sent event; `data` is JSON-encoded unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()

@@ -1,0 +1,99 @@
+"""The coordinator's FastAPI app. State lives on `app.state`; no module globals."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from coordinator.api import admin, anthropic, openai
+from coordinator.api.common import anthropic_error, openai_error
+from coordinator.config import CoordinatorConfig
+from coordinator.nodes import NodeRegistry
+from coordinator.service import ChatService
+from coordinator.settings import SettingsStore
+from macmesh import __version__
+from mesh.errors import Unauthenticated
+
+log = logging.getLogger(__name__)
+
+# Reachable without an API key: load balancers and launchd health checks.
+OPEN_PATHS = frozenset({"/", "/health"})
+
+
+def _is_anthropic(request: Request) -> bool:
+    path = request.url.path
+    if path.startswith(("/anthropic/", "/v1/messages")):
+        return True
+    return path == "/v1/models" and "anthropic-version" in request.headers
+
+
+def _presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _key_ok(presented: str | None, keys: frozenset[str]) -> bool:
+    if presented is None:
+        return False
+    # Constant-time against every key, so timing says nothing about which matched.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented.encode(), key.encode())
+    return ok
+
+
+def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = None) -> FastAPI:
+    """Build the app; the lifespan starts and stops the node registry."""
+    registry = registry or NodeRegistry(config.peers)
+    settings = SettingsStore(config.home, default_model=config.default_model)
+    service = ChatService(registry, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="macmesh coordinator", version=__version__, lifespan=lifespan)
+    app.state.config = config
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.service = service
+
+    if config.api_keys:
+
+        @app.middleware("http")
+        async def require_key(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            if request.url.path in OPEN_PATHS or _key_ok(_presented_key(request), config.api_keys):
+                return await call_next(request)
+            err = Unauthenticated(
+                "invalid or missing API key (send x-api-key or Authorization: Bearer)"
+            )
+            return anthropic_error(err) if _is_anthropic(request) else openai_error(err)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root() -> JSONResponse:
+        return JSONResponse({"name": "macmesh", "version": __version__, "status": "ok"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        online = registry.online()
+        return JSONResponse({"status": "ok" if online else "degraded", "nodes_online": len(online)})
+
+    app.include_router(anthropic.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,143 @@
+"""The one owner of the coordinator's view of the mesh.
+
+Each known node gets a `NodeClient` and a task that follows its `WatchState`
+stream; nodes push, coordinators never poll per request. A node whose state
+is older than `stale_after` seconds (or whose stream broke) is offline until
+its stream comes back; the watcher reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mesh.client import NodeClient
+from mesh.errors import MeshError
+from mesh.types import ModelInfo, NodeState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeView:
+    """What this coordinator knows about one node."""
+
+    target: str
+    client: NodeClient
+    state: NodeState | None = None
+    last_seen: float = 0.0
+    error: str = ""
+    # Streams this coordinator has open there (load before the next state push).
+    inflight: int = 0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def node_id(self) -> str:
+        return self.state.node_id if self.state else self.target
+
+    def online(self, stale_after: float) -> bool:
+        return (
+            self.state is not None
+            and not self.state.draining
+            and time.monotonic() - self.last_seen < stale_after
+        )
+
+    def model(self, model_id: str) -> ModelInfo | None:
+        if self.state is None:
+            return None
+        return next((m for m in self.state.models if m.id == model_id), None)
+
+    @property
+    def load(self) -> int:
+        """Queued work there: running + waiting per its last state, or our own count."""
+        reported = (self.state.running + self.state.waiting) if self.state else 0
+        return max(reported, self.inflight)
+
+
+class NodeRegistry:
+    """Known nodes and their live state."""
+
+    def __init__(
+        self, peers: tuple[str, ...], *, heartbeat_ms: int = 1000, stale_after: float = 5.0
+    ) -> None:
+        self.heartbeat_ms = heartbeat_ms
+        self.stale_after = stale_after
+        self._nodes: dict[str, NodeView] = {}
+        self._peers = peers
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        for target in self._peers:
+            self.add(target)
+
+    def add(self, target: str) -> NodeView:
+        """Start following a node (idempotent)."""
+        view = self._nodes.get(target)
+        if view is None:
+            view = NodeView(target=target, client=NodeClient(target))
+            view._task = asyncio.create_task(self._watch(view), name=f"watch {target}")
+            self._nodes[target] = view
+        return view
+
+    async def remove(self, target: str) -> None:
+        view = self._nodes.pop(target, None)
+        if view is not None:
+            await self._stop(view)
+
+    async def close(self) -> None:
+        views = list(self._nodes.values())
+        self._nodes.clear()
+        await asyncio.gather(*(self._stop(v) for v in views))
+
+    async def _stop(self, view: NodeView) -> None:
+        if view._task is not None:
+            view._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await view._task
+        await view.client.close()
+
+    async def _watch(self, view: NodeView) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async for state in view.client.watch_state(self.heartbeat_ms):
+                    if view.state is None or view.error:
+                        log.info("node %s (%s) is up", state.node_id, view.target)
+                    view.state, view.last_seen, view.error = state, time.monotonic(), ""
+                    backoff = 0.2
+                    self._notify()
+                view.error = "state stream ended"
+            except MeshError as exc:
+                if not view.error:
+                    log.warning("node %s unreachable: %s", view.target, exc.message)
+                view.error = exc.message
+            self._notify()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Wait for any node's state to change (or `timeout`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def nodes(self) -> list[NodeView]:
+        return list(self._nodes.values())
+
+    def online(self) -> list[NodeView]:
+        return [v for v in self._nodes.values() if v.online(self.stale_after)]
+
+    def served_models(self) -> dict[str, list[NodeView]]:
+        """Model id -> online nodes that can serve it (loaded or loadable)."""
+        out: dict[str, list[NodeView]] = {}
+        for view in self.online():
+            assert view.state is not None
+            for m in view.state.models:
+                out.setdefault(m.id, []).append(view)
+        return out

@@ -1,0 +1,190 @@
+"""Resolve -> choose a node -> render -> generate. The API modules call only this."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, replace
+
+from coordinator.nodes import NodeRegistry, NodeView
+from coordinator.settings import SettingsStore
+from mesh.errors import ModelNotFound, PromptTooLong, Unavailable
+from mesh.sampling import check_sampling, merge_sampling
+from mesh.types import (
+    ChatPrompt,
+    ErrorEvent,
+    Finish,
+    GenerateEvent,
+    GenerateRequest,
+    ModelInfo,
+    SamplingParams,
+    TextPrompt,
+    TokenPrompt,
+    Tool,
+)
+from routing.aliases import Resolution, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request resolved, placed and tokenized, ready to generate."""
+
+    resolution: Resolution
+    node: NodeView
+    route_reason: str
+    token_ids: tuple[int, ...]
+    context_length: int
+    tools: tuple[Tool, ...]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def model(self) -> str:
+        return self.resolution.model
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers that say where and why a request went."""
+        return {
+            "x-macmesh-node": self.node.node_id,
+            "x-macmesh-model": self.resolution.model,
+            "x-macmesh-route-reason": self.route_reason,
+        }
+
+
+class ChatService:
+    """The coordinator's request path, shared by every API surface."""
+
+    def __init__(self, registry: NodeRegistry, settings: SettingsStore) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    # ---------- resolution and placement ----------
+
+    def resolve(self, name: str) -> Resolution:
+        """The local model for `name`; ModelNotFound lists what exists."""
+        served = self.registry.served_models()
+        res = resolve(name, self.settings.routing(), served)
+        if res is None:
+            raise ModelNotFound(name, self.available_names())
+        return res
+
+    def available_names(self) -> list[str]:
+        names = set(self.registry.served_models())
+        names.update(a for a in self.settings.routing().aliases if not any(c in a for c in "*?["))
+        return sorted(names)
+
+    def choose(self, res: Resolution) -> tuple[NodeView, str]:
+        """A node for the model: loaded there first, then least loaded."""
+        candidates = self.registry.served_models().get(res.model, [])
+        if not candidates:
+            if not self.registry.online():
+                raise Unavailable("no node is reachable; check that nodes are running")
+            raise ModelNotFound(
+                f"{res.model} (resolved from {res.requested!r})"
+                if res.model != res.requested
+                else res.model,
+                self.available_names(),
+            )
+        if len(candidates) == 1:
+            return candidates[0], "only-node"
+
+        def key(v: NodeView) -> tuple[int, int]:
+            info = v.model(res.model)
+            return (0 if info is not None and info.loaded else 1, v.load)
+
+        return min(candidates, key=key), "least-loaded"
+
+    def model_info(self, model: str) -> ModelInfo | None:
+        for view in self.registry.served_models().get(model, []):
+            info = view.model(model)
+            if info is not None:
+                return info
+        return None
+
+    # ---------- requests ----------
+
+    async def prepare(self, name: str, prompt: ChatPrompt | TextPrompt) -> Prepared:
+        """Resolve, place and tokenize; raises before anything is generated."""
+        res = self.resolve(name)
+        node, reason = self.choose(res)
+        if isinstance(prompt, ChatPrompt):
+            if prompt.enable_thinking is None:
+                default = self.settings.inference().enable_thinking
+                if default is not None:
+                    prompt = replace(prompt, enable_thinking=default)
+            rendered = await node.client.render(res.model, prompt)
+            ids, context = rendered.token_ids, rendered.context_length
+            tools = prompt.tools
+        else:
+            ids = tuple(await node.client.tokenize(res.model, prompt.text, True))
+            info = node.model(res.model)
+            context = info.context_length if info else 0
+            tools = ()
+        if context and len(ids) >= context:
+            raise PromptTooLong(len(ids), context)
+        return Prepared(res, node, reason, ids, context, tools)
+
+    async def count_tokens(self, name: str, prompt: ChatPrompt) -> int:
+        """Exactly the prompt tokens the node will prefill for this chat."""
+        return (await self.prepare(name, prompt)).prompt_tokens
+
+    def sampling(self, prepared: Prepared, params: SamplingParams) -> SamplingParams:
+        """Request values over `inference_settings.json`; max_tokens clamped to the context."""
+        merged = merge_sampling(params, self.settings.inference().sampling)
+        check_sampling(merged, prefix="")
+        if prepared.context_length:
+            room = prepared.context_length - prepared.prompt_tokens
+            if merged.max_tokens is None or merged.max_tokens > room:
+                merged = replace(merged, max_tokens=room)
+        return merged
+
+    async def generate(
+        self, prepared: Prepared, params: SamplingParams, request_id: str = ""
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        """The node's event stream; closing it cancels the generation on the node."""
+        request = GenerateRequest(
+            model=prepared.model,
+            prompt=TokenPrompt(prepared.token_ids),
+            sampling=self.sampling(prepared, params),
+            request_id=request_id or f"req_{uuid.uuid4().hex[:16]}",
+            tools=prepared.tools,
+        )
+        node = prepared.node
+        node.inflight += 1
+        stream = node.client.generate(request)
+        t0 = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            async for event in stream:
+                if isinstance(event, Finish):
+                    outcome = (
+                        f"{event.reason.value}, {event.usage.completion_tokens} tokens out, "
+                        f"prefill {event.usage.prompt_seconds:.2f}s"
+                    )
+                elif isinstance(event, ErrorEvent):
+                    outcome = f"error {event.code}: {event.message}"
+                yield event
+        finally:
+            node.inflight -= 1
+            await stream.aclose()
+            res = prepared.resolution
+            log.info(
+                "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs",
+                request.request_id,
+                res.requested,
+                res.model,
+                res.rule,
+                node.node_id,
+                prepared.route_reason,
+                prepared.prompt_tokens,
+                request.sampling.max_tokens,
+                outcome,
+                time.perf_counter() - t0,
+            )
