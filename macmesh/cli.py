@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from coordinator.config import DEFAULT_HTTP_PORT, CoordinatorConfig
 from macmesh import __version__
-from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, macmesh_home
+from mesh.paths import macmesh_home
+from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, SimModelSpec
 
 log = logging.getLogger("macmesh")
 
@@ -51,6 +55,13 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         "--max-waiting", type=int, default=256, help="queued generations before refusing"
     )
     p.add_argument(
+        "--sim-model",
+        action="append",
+        default=[],
+        metavar="NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT]]]",
+        help="serve a SIMULATED model (benchmarks/tests only; repeatable)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
@@ -61,6 +72,10 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
+    try:
+        sims = tuple(SimModelSpec.parse(s) for s in args.sim_model)
+    except ValueError as exc:
+        raise SystemExit(f"macmesh: {exc}") from None
     return NodeConfig(
         host=args.host,
         grpc_port=args.grpc_port,
@@ -73,6 +88,7 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         preload=tuple(dict.fromkeys([*preload, *args.preload])),
         shutdown_grace=args.shutdown_grace,
         sampling=SamplingDefaults(),
+        sim_models=sims,
     )
 
 
@@ -86,25 +102,86 @@ def _prepare_default(config: NodeConfig) -> bool:
     return True
 
 
-def cmd_node(args: argparse.Namespace) -> int:
-    from node.app import serve
-    from node.models.default import DEFAULT_MODEL_ID
+def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--port") -> None:
+    p.add_argument(
+        "--http-host" if port_flag != "--port" else "--host",
+        dest="http_host",
+        default="127.0.0.1",
+        help="HTTP bind address of the coordinator (default 127.0.0.1)",
+    )
+    p.add_argument(
+        port_flag,
+        dest="http_port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help=f"HTTP port of the coordinator (default {DEFAULT_HTTP_PORT})",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a node to use (repeatable)",
+    )
+    p.add_argument("--default-model", help="model for names nothing else resolves")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="require this key on every route but health (repeatable; also MACMESH_API_KEYS)",
+    )
 
-    config = _node_config(args)
-    has_default = not args.no_default_model and _prepare_default(config)
-    if getattr(args, "up", False) and has_default:
-        config = _node_config(args, preload=(DEFAULT_MODEL_ID,))
+
+def _coordinator_config(
+    args: argparse.Namespace, default_model: str | None = None
+) -> CoordinatorConfig:
+    keys = {k for k in args.api_key if k}
+    keys.update(k.strip() for k in os.environ.get("MACMESH_API_KEYS", "").split(",") if k.strip())
+    return CoordinatorConfig(
+        host=args.http_host,
+        port=args.http_port,
+        home=macmesh_home(),
+        peers=tuple(dict.fromkeys(args.peer)),
+        default_model=args.default_model or default_model,
+        api_keys=frozenset(keys),
+    )
+
+
+def _run(node: NodeConfig | None, coordinator: CoordinatorConfig | None) -> int:
+    from macmesh.run import serve
+
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(node, coordinator))
     except OSError as exc:
-        print(f"macmesh node: {exc}", file=sys.stderr)
+        print(f"macmesh: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    config = _node_config(args)
+    if not args.no_default_model:
+        _prepare_default(config)
+    coordinator = _coordinator_config(args) if args.coordinator else None
+    return _run(config, coordinator)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    config = _coordinator_config(args)
+    if not config.peers:
+        config = replace(config, peers=(f"127.0.0.1:{DEFAULT_GRPC_PORT}",))
+    return _run(None, config)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    args.up = True
-    return cmd_node(args)
+    from node.models.default import DEFAULT_MODEL_ID
+
+    config = _node_config(args)
+    has_default = not args.no_default_model and _prepare_default(config)
+    default = DEFAULT_MODEL_ID if has_default else None
+    if has_default:
+        config = _node_config(args, preload=(DEFAULT_MODEL_ID,))
+    return _run(config, _coordinator_config(args, default_model=default))
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -200,10 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("node", help="run a node agent (serves this Mac's models over gRPC)")
     _add_node_args(p)
+    p.add_argument(
+        "--coordinator", action="store_true", help="also run a coordinator in this process"
+    )
+    _add_coordinator_args(p, port_flag="--http-port")
     p.set_defaults(func=cmd_node)
 
-    p = sub.add_parser("up", help="run everything on this machine with the default model")
+    p = sub.add_parser(
+        "coordinator", help="run the HTTP endpoint (Anthropic + OpenAI APIs) in front of nodes"
+    )
+    _add_coordinator_args(p)
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("up", help="node + coordinator on this machine, default model preloaded")
     _add_node_args(p)
+    _add_coordinator_args(p, port_flag="--http-port")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("models", help="list and import models")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,18 +71,3 @@ class NodeServer:
             await self._server.stop(1.0)
             self._server = None
         log.info("node stopped")
-
-
-async def serve(config: NodeConfig) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    server = NodeServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):  # not on Windows event loops
-            loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(f"macmesh node listening on {server.address}", flush=True)
-    await stop.wait()
-    log.info("signal received: draining (grace %.1fs)", config.shutdown_grace)
-    await server.stop()
