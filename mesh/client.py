@@ -7,7 +7,7 @@ call on the node as soon as its consumer stops iterating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
@@ -65,7 +65,7 @@ class NodeClient:
                 f"node {self.target} did not answer within {timeout:g}s"
             ) from None
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         """Stream events; errors before the first event raise `MeshError`."""
         call = self._stub.Generate(wire.request_to_pb(request), timeout=self.timeout)
         try:
@@ -121,7 +121,7 @@ class NodeClient:
             raise _mapped(exc) from None
         return resp.was_loaded
 
-    async def watch_state(self, interval_ms: int = 0) -> AsyncIterator[NodeState]:
+    async def watch_state(self, interval_ms: int = 0) -> AsyncGenerator[NodeState, None]:
         """Stream the node's state until the caller stops or the node goes away."""
         call = self._stub.WatchState(pb.WatchStateRequest(interval_ms=interval_ms))
         try:
