@@ -72,6 +72,9 @@ class ChatService:
         served = self.registry.served_models()
         res = resolve(name, self.settings.routing(), served)
         if res is None:
+            if not self.registry.online():
+                # Not "unknown model": nothing is up to know it. Retryable.
+                raise Unavailable("no node is reachable; check that nodes are running")
             raise ModelNotFound(name, self.available_names())
         return res
 
@@ -136,13 +139,29 @@ class ChatService:
         return (await self.prepare(name, prompt)).prompt_tokens
 
     def sampling(self, prepared: Prepared, params: SamplingParams) -> SamplingParams:
-        """Request values over `inference_settings.json`; max_tokens clamped to the context."""
-        merged = merge_sampling(params, self.settings.inference().sampling)
+        """Request values over `inference_settings.json`; max_tokens clamped, never rejected.
+
+        Caps: the room left in the context, the resolved tier/alias `max_tokens`,
+        and the global `max_output_tokens`.
+        """
+        inference = self.settings.inference()
+        merged = merge_sampling(params, inference.sampling)
         check_sampling(merged, prefix="")
-        if prepared.context_length:
-            room = prepared.context_length - prepared.prompt_tokens
-            if merged.max_tokens is None or merged.max_tokens > room:
-                merged = replace(merged, max_tokens=room)
+        caps = [
+            c
+            for c in (
+                prepared.context_length - prepared.prompt_tokens
+                if prepared.context_length
+                else None,
+                prepared.resolution.max_tokens,
+                inference.max_output_tokens,
+            )
+            if c is not None
+        ]
+        if caps:
+            cap = min(caps)
+            if merged.max_tokens is None or merged.max_tokens > cap:
+                merged = replace(merged, max_tokens=cap)
         return merged
 
     async def generate(

@@ -3,7 +3,8 @@
 - `model_aliases.json`    alias -> model (see routing.aliases)
 - `claude_routing.json`   Claude tiers -> models
 - `inference_settings.json`  default sampling: temperature, top_p, top_k, min_p,
-  max_tokens, repetition_penalty, and enable_thinking (true/false/null)
+  max_tokens, repetition_penalty, and enable_thinking (true/false/null); plus
+  max_output_tokens, a hard cap on every request's output
 
 Files are re-read when they change on disk (checked at most once a second), so
 hand edits apply without a restart; a file that fails validation is reported
@@ -51,6 +52,8 @@ class InferenceSettings:
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
     enable_thinking: bool | None = None
+    # Hard cap on output tokens, whatever a request asks for (clamped, not rejected).
+    max_output_tokens: int | None = None
 
 
 def parse_inference_settings(data: Any) -> InferenceSettings:
@@ -73,7 +76,10 @@ def parse_inference_settings(data: Any) -> InferenceSettings:
     thinking = data.get("enable_thinking")
     if thinking is not None and not isinstance(thinking, bool):
         raise InvalidRequest("must be true, false or null", field="enable_thinking")
-    return InferenceSettings(sampling=sampling, enable_thinking=thinking)
+    cap = data.get("max_output_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise InvalidRequest("must be a positive integer", field="max_output_tokens")
+    return InferenceSettings(sampling=sampling, enable_thinking=thinking, max_output_tokens=cap)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

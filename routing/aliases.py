@@ -12,7 +12,8 @@ The chain (first match wins):
 
 Seed-compatible formats (MLX Studio): an alias value is a model id or a path
 (`~` and `$VARS` expanded; the last path component is the model id), or an
-object `{"model": ..., "backend": "mlx"|"gguf", "draft_model": ...}`. A target
+object `{"model": ..., "backend": "mlx"|"gguf", "draft_model": ...,
+"max_tokens": N}` (N caps output tokens for requests resolved through it). A target
 ending in `.gguf` means the gguf backend unless an entry says otherwise.
 No I/O here: callers load the files and pass their parsed JSON.
 """
@@ -39,6 +40,8 @@ class Target:
     model: str
     backend: str | None = None
     draft_model: str | None = None
+    # Cap on output tokens for requests resolved through this entry (seed tier field).
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class Resolution:
     draft_model: str | None
     rule: str
     tier: str | None = None
+    max_tokens: int | None = None
 
 
 def model_id(target: str) -> str:
@@ -106,7 +110,12 @@ def _target(value: Any, field_name: str) -> Target:
         draft = value.get("draft_model")
         if draft is not None and not isinstance(draft, str):
             raise InvalidRequest("must be a string or null", field=f"{field_name}.draft_model")
-        return Target(model=model_id(model), backend=backend, draft_model=draft or None)
+        cap = value.get("max_tokens")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise InvalidRequest("must be a positive integer", field=f"{field_name}.max_tokens")
+        return Target(
+            model=model_id(model), backend=backend, draft_model=draft or None, max_tokens=cap
+        )
     raise InvalidRequest("must be a model id, a path, or an object with 'model'", field=field_name)
 
 
@@ -189,6 +198,7 @@ def _resolved(name: str, t: Target, rule: str, tier: str | None = None) -> Resol
         draft_model=t.draft_model,
         rule=rule,
         tier=tier,
+        max_tokens=t.max_tokens,
     )
 
 

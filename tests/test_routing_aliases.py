@@ -150,3 +150,12 @@ def test_bad_claude_routing(data: Any, field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_claude_routing(data)
     assert info.value.field == field
+
+
+def test_tier_max_tokens_cap() -> None:
+    claude = parse_claude_routing({"tiers": {"haiku": {"model": "m", "max_tokens": 512}}})
+    res = resolve("claude-haiku-4-5", RoutingConfig(claude=claude), ())
+    assert res is not None and res.max_tokens == 512
+    with pytest.raises(InvalidRequest) as info:
+        parse_claude_routing({"tiers": {"haiku": {"model": "m", "max_tokens": 0}}})
+    assert info.value.field == "tiers.haiku.max_tokens"
