@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +16,7 @@ from coordinator.api import admin, anthropic, openai
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
 from coordinator.nodes import NodeRegistry
+from coordinator.peers import StaticPeers
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from macmesh import __version__
@@ -53,21 +56,28 @@ def _key_ok(presented: str | None, keys: frozenset[str]) -> bool:
 
 def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = None) -> FastAPI:
     """Build the app; the lifespan starts and stops the node registry."""
-    registry = registry or NodeRegistry(config.peers)
+    registry = registry or NodeRegistry(())
     settings = SettingsStore(config.home, default_model=config.default_model)
     service = ChatService(registry, settings)
+    peers = StaticPeers(config.home, config.peers, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        await peers.sync()
+        peers_task = asyncio.create_task(peers.run(), name="static peers")
         try:
             yield
         finally:
+            peers_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await peers_task
             await registry.close()
 
     app = FastAPI(title="macmesh coordinator", version=__version__, lifespan=lifespan)
     app.state.config = config
     app.state.registry = registry
+    app.state.peers = peers
     app.state.settings = settings
     app.state.service = service
 

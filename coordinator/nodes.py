@@ -32,15 +32,28 @@ class NodeView:
     error: str = ""
     # Streams this coordinator has open there (load before the next state push).
     inflight: int = 0
+    # Failed mutual authentication: never routed to, shown as rejected.
+    rejected: bool = False
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def node_id(self) -> str:
         return self.state.node_id if self.state else self.target
 
+    def status(self, stale_after: float) -> str:
+        """online | draining | offline | rejected | connecting."""
+        if self.rejected:
+            return "rejected"
+        if self.state is None:
+            return "offline" if self.error else "connecting"
+        if self.state.draining:
+            return "draining"
+        return "online" if self.online(stale_after) else "offline"
+
     def online(self, stale_after: float) -> bool:
         return (
             self.state is not None
+            and not self.rejected
             and not self.state.draining
             and time.monotonic() - self.last_seen < stale_after
         )

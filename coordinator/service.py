@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.settings import SettingsStore
-from mesh.errors import ModelNotFound, PromptTooLong, Unavailable
+from mesh import errors
+from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
 from mesh.sampling import check_sampling, merge_sampling
 from mesh.types import (
     ChatPrompt,
@@ -20,6 +21,7 @@ from mesh.types import (
     GenerateRequest,
     ModelInfo,
     SamplingParams,
+    Started,
     TextPrompt,
     TokenPrompt,
     Tool,
@@ -27,6 +29,9 @@ from mesh.types import (
 from routing.aliases import Resolution, resolve
 
 log = logging.getLogger(__name__)
+
+# Node-side failures worth another node, if no token reached the caller yet.
+_RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +102,9 @@ class ChatService:
             )
         if len(candidates) == 1:
             return candidates[0], "only-node"
-
-        def key(v: NodeView) -> tuple[int, int]:
-            info = v.model(res.model)
-            return (0 if info is not None and info.loaded else 1, v.load)
-
-        return min(candidates, key=key), "least-loaded"
+        best = self._another(res, set())
+        assert best is not None
+        return best, "least-loaded"
 
     def model_info(self, model: str) -> ModelInfo | None:
         for view in self.registry.served_models().get(model, []):
@@ -164,35 +166,93 @@ class ChatService:
                 merged = replace(merged, max_tokens=cap)
         return merged
 
+    def _another(self, res: Resolution, exclude: set[str]) -> NodeView | None:
+        """Another online node for the model, loaded there first, then least loaded."""
+        views = [
+            v for v in self.registry.served_models().get(res.model, []) if v.target not in exclude
+        ]
+        if not views:
+            return None
+
+        def key(v: NodeView) -> tuple[int, int]:
+            info = v.model(res.model)
+            return (0 if info is not None and info.loaded else 1, v.load)
+
+        return min(views, key=key)
+
     async def generate(
         self, prepared: Prepared, params: SamplingParams, request_id: str = ""
     ) -> AsyncGenerator[GenerateEvent, None]:
-        """The node's event stream; closing it cancels the generation on the node."""
+        """The node's event stream; closing it cancels the generation on the node.
+
+        A node that fails before the first token (gone, shutting down, queue full)
+        is retried on another node with the model; the caller sees one `Started`.
+        After the first token a failure is final: it raises (the API turns it
+        into its error event).
+        """
+        sampling = self.sampling(prepared, params)
         request = GenerateRequest(
             model=prepared.model,
             prompt=TokenPrompt(prepared.token_ids),
-            sampling=self.sampling(prepared, params),
+            sampling=sampling,
             request_id=request_id or f"req_{uuid.uuid4().hex[:16]}",
             tools=prepared.tools,
         )
-        node = prepared.node
-        node.inflight += 1
-        stream = node.client.generate(request)
+        node: NodeView | None = prepared.node
+        tried: set[str] = set()
+        started = produced = False
         t0 = time.perf_counter()
         outcome = "cancelled"
         try:
-            async for event in stream:
-                if isinstance(event, Finish):
-                    outcome = (
-                        f"{event.reason.value}, {event.usage.completion_tokens} tokens out, "
-                        f"prefill {event.usage.prompt_seconds:.2f}s"
-                    )
-                elif isinstance(event, ErrorEvent):
-                    outcome = f"error {event.code}: {event.message}"
-                yield event
+            while node is not None:
+                tried.add(node.target)
+                failure: MeshError | None = None
+                node.inflight += 1
+                stream = node.client.generate(request)
+                try:
+                    async for event in stream:
+                        if isinstance(event, Started):
+                            if started:
+                                continue  # a retry: the caller already has one
+                            started = True
+                        elif isinstance(event, ErrorEvent):
+                            if not produced and event.code in _RETRYABLE:
+                                failure = errors.from_code(event.code, event.message)
+                                break
+                            outcome = f"error {event.code}: {event.message}"
+                        elif isinstance(event, Finish):
+                            outcome = (
+                                f"{event.reason.value}, {event.usage.completion_tokens} tokens "
+                                f"out, prefill {event.usage.prompt_seconds:.2f}s"
+                            )
+                        else:
+                            produced = True
+                        yield event
+                except (Unavailable, Overloaded) as err:
+                    if produced:
+                        outcome = f"node failed mid-stream: {err.message}"
+                        raise Unavailable(
+                            f"node {node.node_id} failed during generation: {err.message}"
+                        ) from None
+                    failure = err
+                finally:
+                    node.inflight -= 1
+                    await stream.aclose()
+                if failure is None:
+                    return
+                failed = node
+                node = self._another(prepared.resolution, tried)
+                log.warning(
+                    "%s: node %s failed before the first token (%s); %s",
+                    request.request_id,
+                    failed.node_id,
+                    failure.message,
+                    f"retrying on {node.node_id}" if node else "no other node has the model",
+                )
+                if node is None:
+                    outcome = f"failed: {failure.message}"
+                    raise failure
         finally:
-            node.inflight -= 1
-            await stream.aclose()
             res = prepared.resolution
             log.info(
                 "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs",
@@ -200,10 +260,10 @@ class ChatService:
                 res.requested,
                 res.model,
                 res.rule,
-                node.node_id,
+                ",".join(sorted(tried)),
                 prepared.route_reason,
                 prepared.prompt_tokens,
-                request.sampling.max_tokens,
+                sampling.max_tokens,
                 outcome,
                 time.perf_counter() - t0,
             )

@@ -266,6 +266,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(run_generate(args))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from macmesh.status import run_status
+
+    return run_status(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole `macmesh` command tree."""
     parser = argparse.ArgumentParser(
@@ -311,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("prepare-default", help="import the embedded SmolLM2 model")
     q.add_argument("--models-dir", type=Path)
     q.set_defaults(func=cmd_models_prepare_default)
+
+    p = sub.add_parser("status", help="table of the mesh's nodes as a coordinator sees them")
+    p.add_argument(
+        "--coordinator",
+        default=f"http://127.0.0.1:{DEFAULT_HTTP_PORT}",
+        help="coordinator URL (default http://127.0.0.1:1234)",
+    )
+    p.add_argument("--api-key", help="if the coordinator needs one (default: MACMESH_API_KEYS)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("generate", help="stream one chat completion from a node (gRPC)")
     p.add_argument("prompt", help="the user message")

@@ -1,4 +1,4 @@
-"""Where macmesh keeps its state."""
+"""Where macmesh keeps its state, and its well-known ports."""
 
 from __future__ import annotations
 
@@ -10,3 +10,7 @@ def macmesh_home() -> Path:
     """The state dir: `$MACMESH_HOME`, default `~/.macmesh`."""
     env = os.environ.get("MACMESH_HOME")
     return Path(env).expanduser() if env else Path.home() / ".macmesh"
+
+
+# A node's gRPC port unless told otherwise (`--grpc-port`).
+DEFAULT_GRPC_PORT = 50151

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.paths import macmesh_home
+from mesh.paths import DEFAULT_GRPC_PORT, macmesh_home
 
 __all__ = ["DEFAULT_GRPC_PORT", "NodeConfig", "SamplingDefaults", "SimModelSpec", "macmesh_home"]
 
-DEFAULT_GRPC_PORT = 50151
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

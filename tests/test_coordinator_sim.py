@@ -115,3 +115,76 @@ def test_loaded_and_least_loaded_placement(tmp_path: Path) -> None:
         coord.stop()
         a.stop()
         b.stop()
+
+
+def test_retry_on_another_node_before_the_first_token(tmp_path: Path) -> None:
+    """A node that dies during prefill costs the client nothing: another node answers."""
+    import threading
+
+    def slow(home: Path) -> RunningNode:
+        # ~3 s of simulated prefill: time to kill the node before any token exists.
+        return start_node(
+            NodeConfig(
+                grpc_port=0,
+                home=home,
+                models_dir=home / "models",
+                scan_hf_cache=False,
+                shutdown_grace=0.0,
+                sim_models=(SimModelSpec("shared", 10, 1000, 4096),),
+            )
+        )
+
+    a, b = slow(tmp_path / "a"), slow(tmp_path / "b")
+    coord = start_coordinator(
+        CoordinatorConfig(home=tmp_path / "c", peers=(a.target, b.target)), wait_nodes=2
+    )
+    try:
+        result: list[httpx.Response] = []
+        t = threading.Thread(
+            target=lambda: result.append(chat(coord.base_url, "shared", max_tokens=3))
+        )
+        t.start()
+        victim = None
+        deadline = time.monotonic() + 10
+        while victim is None:
+            assert time.monotonic() < deadline, "the request never reached a node"
+            for n in (a, b):
+                assert n.server.core is not None
+                if n.server.core.sim and n.server.core.sim.running:  # type: ignore[union-attr]
+                    victim = n
+            time.sleep(0.01)
+        victim.stop(grace=0.0)
+        t.join(30)
+        r = result[0]
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3
+        survivor = b if victim is a else a
+        assert survivor.server.core is not None
+        assert survivor.server.core.sim.tokens_generated == 3  # type: ignore[union-attr]
+    finally:
+        coord.stop()
+        for n in (a, b):
+            if n.thread.is_alive():
+                n.stop()
+
+
+def test_status_command(mesh: tuple[RunningNode, RunningCoordinator]) -> None:
+    import subprocess
+    import sys
+
+    node, coord = mesh
+    macmesh = str(Path(sys.executable).parent / "macmesh")
+    out = subprocess.run(
+        [macmesh, "status", "--coordinator", coord.base_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()
+    assert header.split()[:3] == ["NODE", "ADDRESS", "STATUS"]
+    assert node.server.core is not None
+    assert row.split()[:4] == [node.server.core.node_id, node.target, "online", "sim-a*"]
+    down = subprocess.run(
+        [macmesh, "status", "--coordinator", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert down.returncode == 1 and "cannot reach the coordinator" in down.stderr

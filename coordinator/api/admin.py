@@ -157,10 +157,12 @@ async def put_inference(request: Request) -> JSONResponse:
 
 def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
     state = view.state
+    online = view.online(stale_after)
     out: dict[str, Any] = {
         "id": view.node_id,
         "address": view.target,
-        "online": view.online(stale_after),
+        "status": view.status(stale_after),
+        "online": online,
         "error": view.error or None,
         "inflight": view.inflight,
         "last_seen_seconds": round(time.monotonic() - view.last_seen, 3)
