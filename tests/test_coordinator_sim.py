@@ -65,11 +65,8 @@ def test_output_caps(mesh: tuple[RunningNode, RunningCoordinator]) -> None:
     assert httpx.put(
         url + "/api/routing/config", json={"tiers": {"haiku": {"model": "sim-a", "max_tokens": 5}}}
     ).is_success
-    r = httpx.post(
-        url + "/v1/messages",
-        json={"model": "claude-haiku-4-5", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]},
-        timeout=30,
-    )  # fmt: skip
+    body = {"model": "claude-haiku-4-5", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip  # noqa: E501
+    r = httpx.post(url + "/v1/messages", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 5
     assert r.json()["stop_reason"] == "max_tokens"
     # The global cap applies to everything.

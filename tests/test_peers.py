@@ -13,8 +13,8 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.peers import parse_remotes, parse_target
 from mesh.errors import InvalidRequest
-from tests.test_coordinator_sim import sim_node
 from tests.conftest import start_coordinator
+from tests.test_coordinator_sim import sim_node
 
 
 @pytest.mark.parametrize(
