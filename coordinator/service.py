@@ -17,6 +17,7 @@ from mesh.types import (
     ChatPrompt,
     ErrorEvent,
     Finish,
+    FinishReason,
     GenerateEvent,
     GenerateRequest,
     ModelInfo,
@@ -146,25 +147,20 @@ class ChatService:
         Caps: the room left in the context, the resolved tier/alias `max_tokens`,
         and the global `max_output_tokens`.
         """
+        return self._sampling(prepared, params)[0]
+
+    def _sampling(self, prepared: Prepared, params: SamplingParams) -> tuple[SamplingParams, bool]:
+        """The sampling to send, and whether a server-side policy cap set max_tokens."""
         inference = self.settings.inference()
         merged = merge_sampling(params, inference.sampling)
         check_sampling(merged, prefix="")
-        caps = [
-            c
-            for c in (
-                prepared.context_length - prepared.prompt_tokens
-                if prepared.context_length
-                else None,
-                prepared.resolution.max_tokens,
-                inference.max_output_tokens,
-            )
-            if c is not None
-        ]
-        if caps:
-            cap = min(caps)
-            if merged.max_tokens is None or merged.max_tokens > cap:
-                merged = replace(merged, max_tokens=cap)
-        return merged
+        room = prepared.context_length - prepared.prompt_tokens if prepared.context_length else None
+        policy = [c for c in (prepared.resolution.max_tokens, inference.max_output_tokens) if c]
+        cap = min([c for c in (room, *policy) if c is not None], default=None)
+        if cap is None or (merged.max_tokens is not None and merged.max_tokens <= cap):
+            return merged, False
+        by_policy = bool(policy) and min(policy) == cap and (room is None or cap < room)
+        return replace(merged, max_tokens=cap), by_policy
 
     def _another(self, res: Resolution, exclude: set[str]) -> NodeView | None:
         """Another online node for the model, loaded there first, then least loaded."""
@@ -190,7 +186,7 @@ class ChatService:
         After the first token a failure is final: it raises (the API turns it
         into its error event).
         """
-        sampling = self.sampling(prepared, params)
+        sampling, policy_capped = self._sampling(prepared, params)
         request = GenerateRequest(
             model=prepared.model,
             prompt=TokenPrompt(prepared.token_ids),
@@ -221,6 +217,11 @@ class ChatService:
                                 break
                             outcome = f"error {event.code}: {event.message}"
                         elif isinstance(event, Finish):
+                            if policy_capped and event.reason is FinishReason.LENGTH:
+                                # Our cap, not the client's max_tokens, ended the answer: to
+                                # the client the turn is over. Reporting "max_tokens" makes
+                                # Claude Code retry for a continuation that will be cut again.
+                                event = replace(event, reason=FinishReason.STOP)
                             outcome = (
                                 f"{event.reason.value}, {event.usage.completion_tokens} tokens "
                                 f"out, prefill {event.usage.prompt_seconds:.2f}s"

@@ -61,6 +61,7 @@ def test_output_caps(mesh: tuple[RunningNode, RunningCoordinator]) -> None:
     r = chat(url, max_tokens=100_000, stream=False)
     prompt = r.json()["usage"]["prompt_tokens"]
     assert r.json()["usage"]["completion_tokens"] == 4096 - prompt
+    assert r.json()["choices"][0]["finish_reason"] == "length", "the context is really full"
     # A tier's max_tokens caps requests routed through it.
     assert httpx.put(
         url + "/api/routing/config", json={"tiers": {"haiku": {"model": "sim-a", "max_tokens": 5}}}
@@ -68,10 +69,15 @@ def test_output_caps(mesh: tuple[RunningNode, RunningCoordinator]) -> None:
     body = {"model": "claude-haiku-4-5", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip  # noqa: E501
     r = httpx.post(url + "/v1/messages", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 5
-    assert r.json()["stop_reason"] == "max_tokens"
+    # A server-side cap ends the turn; "max_tokens" would tell Claude Code to continue.
+    assert r.json()["stop_reason"] == "end_turn"
+    r = httpx.post(url + "/v1/messages", json={**body, "max_tokens": 4}, timeout=30)
+    assert r.json()["stop_reason"] == "max_tokens", "the client's own limit is reported as such"
     # The global cap applies to everything.
     assert httpx.put(url + "/api/inference-settings", json={"max_output_tokens": 3}).is_success
-    assert chat(url, max_tokens=50).json()["usage"]["completion_tokens"] == 3
+    capped = chat(url, max_tokens=50).json()
+    assert capped["usage"]["completion_tokens"] == 3
+    assert capped["choices"][0]["finish_reason"] == "stop"
     bad = httpx.put(url + "/api/inference-settings", json={"max_output_tokens": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_output_tokens"
 
