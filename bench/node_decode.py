@@ -277,8 +277,8 @@ class NodeProcess:
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MACMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         cmd = [
-            str(exe), "node", "--grpc-port", "0", "--no-hf-cache", "--no-default-model",
-            "--models-dir", str(self.models_dir), "--preload", self.model_id,
+            str(exe), "node", "--grpc-port", "0", "--no-hf-cache", "--no-bonjour",
+            "--no-default-model", "--models-dir", str(self.models_dir), "--preload", self.model_id,
             "--shutdown-grace", "2",
         ]  # fmt: skip
         self._log = self.log_path.open("wb")

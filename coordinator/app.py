@@ -20,6 +20,8 @@ from coordinator.peers import StaticPeers
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from macmesh import __version__
+from mesh.auth import channel_credentials
+from mesh.discovery import Browser, Peer
 from mesh.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,32 @@ def _key_ok(presented: str | None, keys: frozenset[str]) -> bool:
     return ok
 
 
+def _browser(config: CoordinatorConfig, registry: NodeRegistry) -> Browser:
+    """Bonjour: every announced node of our mesh becomes an address to try."""
+    pending: set[asyncio.Task[None]] = set()
+
+    def found(peer: Peer) -> None:
+        registry.add(peer.target, discovered=True)
+
+    def lost(peer: Peer) -> None:
+        view = next((v for v in registry.nodes() if v.target == peer.target), None)
+        if view is not None and view.discovered:
+            task = asyncio.create_task(registry.remove(peer.target))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    where = {"interfaces": list(config.bonjour_interfaces)} if config.bonjour_interfaces else {}
+    return Browser(found, lost, mesh=config.mesh, **where)  # type: ignore[arg-type]
+
+
 def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = None) -> FastAPI:
     """Build the app; the lifespan starts and stops the node registry."""
-    registry = registry or NodeRegistry(())
+    credentials = (
+        channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+        if config.tls_ca or config.tls_cert
+        else None
+    )
+    registry = registry or NodeRegistry(secret=config.secret, credentials=credentials)
     settings = SettingsStore(config.home, default_model=config.default_model)
     service = ChatService(registry, settings)
     peers = StaticPeers(config.home, config.peers, registry)
@@ -66,9 +91,19 @@ def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = Non
         await registry.start()
         await peers.sync()
         peers_task = asyncio.create_task(peers.run(), name="static peers")
+        browser = _browser(config, registry) if config.discovery else None
+        if browser is not None:
+            try:
+                await browser.start()
+            except OSError as exc:
+                log.warning("Bonjour discovery unavailable (%s); static peers only", exc)
+                browser = None
+        app.state.browser = browser
         try:
             yield
         finally:
+            if browser is not None:
+                await browser.close()
             peers_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await peers_task

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HTTP_PORT = 1234
@@ -23,6 +23,13 @@ class CoordinatorConfig:
     api_keys: frozenset[str] = frozenset()
     # Seconds between Anthropic `ping` events while the prompt is processed.
     ping_interval: float = 2.0
-    # gRPC deadline for one generation (None: no deadline).
-    request_timeout: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    # Mesh secret for node links (mesh.auth); None = open links (loopback labs only).
+    secret: bytes | None = None
+    # TLS to nodes: CA to verify them, and our client certificate for mTLS.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Bonjour: find nodes of this mesh name; interfaces (IPs) to use, empty = all.
+    discovery: bool = False
+    mesh: str = "default"
+    bonjour_interfaces: tuple[str, ...] = ()

@@ -14,11 +14,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from mesh.client import NodeClient
-from mesh.errors import MeshError
+from mesh.errors import MeshError, Unauthenticated
 from mesh.types import ModelInfo, NodeState
 
 log = logging.getLogger(__name__)
+
+# A node that failed authentication is retried this rarely (its secret may get fixed).
+REJECTED_RETRY_SECONDS = 10.0
 
 
 @dataclass
@@ -34,6 +39,8 @@ class NodeView:
     inflight: int = 0
     # Failed mutual authentication: never routed to, shown as rejected.
     rejected: bool = False
+    # Found by Bonjour (vs a static peer): removed when it says goodbye.
+    discovered: bool = False
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -74,23 +81,37 @@ class NodeRegistry:
     """Known nodes and their live state."""
 
     def __init__(
-        self, peers: tuple[str, ...], *, heartbeat_ms: int = 1000, stale_after: float = 5.0
+        self,
+        peers: tuple[str, ...] = (),
+        *,
+        heartbeat_ms: int = 1000,
+        stale_after: float = 5.0,
+        secret: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.heartbeat_ms = heartbeat_ms
         self.stale_after = stale_after
+        self._secret = secret
+        self._credentials = credentials
         self._nodes: dict[str, NodeView] = {}
         self._peers = peers
+        self._background: set[asyncio.Task[None]] = set()
+        # Every model some node has served since start -> when last seen: a model
+        # whose nodes are all down is "unavailable, retry", not "unknown".
+        self.known_models: dict[str, float] = {}
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
         for target in self._peers:
             self.add(target)
 
-    def add(self, target: str) -> NodeView:
-        """Start following a node (idempotent)."""
+    def add(self, target: str, *, discovered: bool = False) -> NodeView:
+        """Start following a node (idempotent). Only an address to try: the node must
+        prove it knows the mesh secret before it gets any traffic."""
         view = self._nodes.get(target)
         if view is None:
-            view = NodeView(target=target, client=NodeClient(target))
+            client = NodeClient(target, secret=self._secret, credentials=self._credentials)
+            view = NodeView(target=target, client=client, discovered=discovered)
             view._task = asyncio.create_task(self._watch(view), name=f"watch {target}")
             self._nodes[target] = view
         return view
@@ -119,17 +140,43 @@ class NodeRegistry:
                 async for state in view.client.watch_state(self.heartbeat_ms):
                     if view.state is None or view.error:
                         log.info("node %s (%s) is up", state.node_id, view.target)
+                        self._forget_stale_twins(view, state.node_id)
                     view.state, view.last_seen, view.error = state, time.monotonic(), ""
+                    for m in state.models:
+                        self.known_models[m.id] = view.last_seen
+                    view.rejected = False
                     backoff = 0.2
                     self._notify()
                 view.error = "state stream ended"
+                view.last_seen = 0.0  # a broken stream means offline now, not when stale
+            except Unauthenticated as exc:
+                if not view.rejected:
+                    log.warning("node at %s rejected: %s", view.target, exc.message)
+                view.rejected, view.error, view.state = True, exc.message, None
+                backoff = REJECTED_RETRY_SECONDS  # it may be fixed; don't hammer it
             except MeshError as exc:
                 if not view.error:
                     log.warning("node %s unreachable: %s", view.target, exc.message)
                 view.error = exc.message
+                view.last_seen = 0.0
             self._notify()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = max(backoff, min(backoff * 2, 2.0))
+
+    def _forget_stale_twins(self, view: NodeView, node_id: str) -> None:
+        """A restarted node shows up at a new address: drop its old, dead entry."""
+        for other in list(self._nodes.values()):
+            if (
+                other is not view
+                and other.discovered
+                and other.node_id == node_id
+                and not other.online(self.stale_after)
+            ):
+                log.info("node %s moved from %s to %s", node_id, other.target, view.target)
+                self._nodes.pop(other.target, None)
+                task = asyncio.create_task(self._stop(other))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -144,7 +191,14 @@ class NodeRegistry:
         return list(self._nodes.values())
 
     def online(self) -> list[NodeView]:
-        return [v for v in self._nodes.values() if v.online(self.stale_after)]
+        """Online nodes, one view per node id (a node found twice counts once)."""
+        best: dict[str, NodeView] = {}
+        for v in self._nodes.values():
+            if v.online(self.stale_after):
+                seen = best.get(v.node_id)
+                if seen is None or v.last_seen > seen.last_seen:
+                    best[v.node_id] = v
+        return list(best.values())
 
     def served_models(self) -> dict[str, list[NodeView]]:
         """Model id -> online nodes that can serve it (loaded or loadable)."""

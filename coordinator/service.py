@@ -75,7 +75,7 @@ class ChatService:
 
     def resolve(self, name: str) -> Resolution:
         """The local model for `name`; ModelNotFound lists what exists."""
-        served = self.registry.served_models()
+        served = set(self.registry.served_models()) | set(self.registry.known_models)
         res = resolve(name, self.settings.routing(), served)
         if res is None:
             if not self.registry.online():
@@ -95,6 +95,11 @@ class ChatService:
         if not candidates:
             if not self.registry.online():
                 raise Unavailable("no node is reachable; check that nodes are running")
+            if res.model in self.registry.known_models:
+                raise Unavailable(
+                    f"no node serving {res.model!r} is up right now (it was served before); "
+                    "retry later"
+                )
             raise ModelNotFound(
                 f"{res.model} (resolved from {res.requested!r})"
                 if res.model != res.requested

@@ -28,6 +28,38 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    """Flags every role shares: mesh name, Bonjour, link security."""
+    g = p.add_argument_group("mesh")
+    g.add_argument(
+        "--mesh",
+        default=os.environ.get("MACMESH_MESH", "default"),
+        help="mesh name: only nodes and coordinators of the same name meet (MACMESH_MESH)",
+    )
+    g.add_argument("--no-bonjour", action="store_true", help="no Bonjour announce/browse")
+    g.add_argument(
+        "--bonjour-interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="use Bonjour only on this interface address (repeatable; default all)",
+    )
+    g.add_argument("--tls-cert", type=Path, help="this machine's certificate (PEM) for mTLS")
+    g.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    g.add_argument("--tls-ca", type=Path, help="the lab CA (PEM) that signed every certificate")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a node without a mesh secret on a non-loopback address",
+    )
+
+
+def _secret() -> bytes | None:
+    from mesh.auth import load_secret
+
+    return load_secret(macmesh_home())
+
+
 def _add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
     p.add_argument(
@@ -89,6 +121,14 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         shutdown_grace=args.shutdown_grace,
         sampling=SamplingDefaults(),
         sim_models=sims,
+        secret=_secret(),
+        insecure=args.insecure,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        announce=not args.no_bonjour,
+        mesh=args.mesh,
+        bonjour_interfaces=tuple(args.bonjour_interface),
     )
 
 
@@ -144,17 +184,40 @@ def _coordinator_config(
         peers=tuple(dict.fromkeys(args.peer)),
         default_model=args.default_model or default_model,
         api_keys=frozenset(keys),
+        secret=_secret(),
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        discovery=not args.no_bonjour,
+        mesh=args.mesh,
+        bonjour_interfaces=tuple(args.bonjour_interface),
     )
 
 
 def _run(node: NodeConfig | None, coordinator: CoordinatorConfig | None) -> int:
     from macmesh.run import serve
+    from mesh.auth import AuthConfigError
+    from mesh.discovery import DuplicateNodeId
 
     try:
         asyncio.run(serve(node, coordinator))
-    except OSError as exc:
+    except (OSError, AuthConfigError, DuplicateNodeId) as exc:
         print(f"macmesh: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mesh.auth import AuthConfigError, init_secret
+
+    home = macmesh_home()
+    try:
+        path = init_secret(home, force=args.force)
+    except (AuthConfigError, FileExistsError) as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    print(f"mesh secret written to {path} (mode 0600)")
+    print("copy this file to ~/.macmesh/secret on every Mac of the mesh (or set MACMESH_SECRET)")
     return 0
 
 
@@ -287,18 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator", action="store_true", help="also run a coordinator in this process"
     )
     _add_coordinator_args(p, port_flag="--http-port")
+    _add_mesh_args(p)
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser(
         "coordinator", help="run the HTTP endpoint (Anthropic + OpenAI APIs) in front of nodes"
     )
     _add_coordinator_args(p)
+    _add_mesh_args(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("up", help="node + coordinator on this machine, default model preloaded")
     _add_node_args(p)
     _add_coordinator_args(p, port_flag="--http-port")
+    _add_mesh_args(p)
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("init", help="create this mesh's secret ($MACMESH_HOME/secret)")
+    p.add_argument("--force", action="store_true", help="replace an existing secret")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("models", help="list and import models")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -347,9 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `macmesh` console script."""
+    from mesh.auth import AuthConfigError
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except AuthConfigError as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from mesh import errors, wire
+from mesh.auth import client_interceptors
 from mesh.types import (
     ChatPrompt,
     GenerateEvent,
@@ -41,10 +42,27 @@ def _mapped(exc: grpc.aio.AioRpcError) -> errors.MeshError:
 class NodeClient:
     """A connection to one node (`host:port`). Use as an async context manager."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        secret: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """`secret`: the mesh secret (every call authenticated, the node's proof checked);
+        `credentials`: TLS channel credentials (mesh.auth.channel_credentials)."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        interceptors = client_interceptors(secret) if secret else None
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(
+                target, options=CHANNEL_OPTIONS, interceptors=interceptors
+            )
         self._stub = pb_grpc.NodeStub(self._channel)
 
     async def __aenter__(self) -> NodeClient:

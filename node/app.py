@@ -8,7 +8,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from mesh.auth import AuthConfigError, server_credentials, server_interceptors
 from mesh.client import CHANNEL_OPTIONS
+from mesh.discovery import Announcement, Announcer
 from node.config import NodeConfig
 from node.rpc import NodeServicer
 from node.service import NodeCore
@@ -17,6 +19,11 @@ from proto import node_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "macmesh.v1.Node"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class NodeServer:
@@ -28,6 +35,7 @@ class NodeServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self._announcer: Announcer | None = None
 
     @property
     def address(self) -> str:
@@ -38,18 +46,26 @@ class NodeServer:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port. Models in `preload` load first."""
-        self.core = NodeCore(self.config)
-        server = grpc.aio.server(options=list(CHANNEL_OPTIONS))
+        config = self.config
+        if config.secret is None and not config.insecure and not is_loopback(config.host):
+            raise AuthConfigError(
+                f"refusing to serve on {config.host} without a mesh secret: anyone on the "
+                "network could use this node. Run `macmesh init` (and copy "
+                "~/.macmesh/secret to every Mac) or set MACMESH_SECRET; --insecure overrides"
+            )
+        self.core = NodeCore(config)
+        interceptors = server_interceptors(config.secret) if config.secret else None
+        server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
         pb_grpc.add_NodeServicer_to_server(NodeServicer(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        host = self.config.host
-        bind = (
-            f"[{host}]:{self.config.grpc_port}"
-            if ":" in host
-            else (f"{host}:{self.config.grpc_port}")
-        )
+        host = config.host
+        bind = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
         try:
-            self.port = server.add_insecure_port(bind)
+            if config.tls_cert is not None and config.tls_key is not None:
+                creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+                self.port = server.add_secure_port(bind, creds)
+            else:
+                self.port = server.add_insecure_port(bind)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {bind}: {exc} (port in use?)") from exc
         await server.start()
@@ -57,12 +73,42 @@ class NodeServer:
         await self.core.preload()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %s serving gRPC on %s", self.core.node_id, self.address)
+        if config.announce:
+            where = (
+                {"interfaces": list(config.bonjour_interfaces)} if config.bonjour_interfaces else {}
+            )
+            self._announcer = Announcer(
+                Announcement(
+                    node_id=self.core.node_id,
+                    mesh=config.mesh,
+                    grpc_port=self.port,
+                    host=config.host,
+                ),
+                **where,  # type: ignore[arg-type]
+            )
+            try:
+                # DuplicateNodeId (a cloned node_id is live elsewhere) stops startup.
+                await self._announcer.start()
+            except OSError as exc:
+                # No multicast here (some VPNs, containers): static peers still work.
+                log.warning("Bonjour announcement failed (%s); reach this node by address", exc)
+                self._announcer = None
+        log.info(
+            "node %s serving gRPC on %s (%s%s)",
+            self.core.node_id,
+            self.address,
+            "mesh secret" if config.secret else "OPEN: no mesh secret",
+            ", TLS" if config.tls_cert else "",
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight streams finish within `grace`, then exit."""
         grace = self.config.shutdown_grace if grace is None else grace
+        if self._announcer is not None:
+            # Goodbye first: coordinators stop sending new work at once.
+            await self._announcer.close()
+            self._announcer = None
         await self._health.enter_graceful_shutdown()
         if self.core is not None:
             await self.core.close(grace)

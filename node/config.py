@@ -10,7 +10,6 @@ from mesh.paths import DEFAULT_GRPC_PORT, macmesh_home
 __all__ = ["DEFAULT_GRPC_PORT", "NodeConfig", "SamplingDefaults", "SimModelSpec", "macmesh_home"]
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingDefaults:
     """What a request gets for sampling fields it leaves unset."""
@@ -75,6 +74,17 @@ class NodeConfig:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     # SIMULATED models (benchmarks, routing tests): served by node.backends.sim.
     sim_models: tuple[SimModelSpec, ...] = ()
+    # Mesh secret (mesh.auth); None = open, allowed only on loopback unless `insecure`.
+    secret: bytes | None = None
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Bonjour: announce this node to coordinators of the same mesh name.
+    announce: bool = False
+    mesh: str = "default"
+    # Interfaces Bonjour uses (IPs); empty = all.
+    bonjour_interfaces: tuple[str, ...] = ()
 
     @property
     def resolved_models_dir(self) -> Path:

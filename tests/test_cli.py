@@ -89,7 +89,7 @@ def node_process(models_dir: Path, tmp_path: Path) -> Iterator[NodeProcess]:
     proc = subprocess.Popen(
         [
             MACMESH, "node", "--grpc-port", "0", "--models-dir", str(models_dir),
-            "--no-hf-cache", "--preload", "smollm2", "--shutdown-grace", "0",
+            "--no-hf-cache", "--no-bonjour", "--preload", "smollm2", "--shutdown-grace", "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -27,7 +27,7 @@ def up(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     proc = subprocess.Popen(
         [
             MACMESH, "up", "--grpc-port", "0", "--http-port", "0",
-            "--models-dir", str(models_dir), "--no-hf-cache",
+            "--models-dir", str(models_dir), "--no-hf-cache", "--no-bonjour",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
