@@ -26,6 +26,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per HTTP request from our own clients is noise at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
