@@ -32,7 +32,14 @@ from coordinator.api.anthropic_protocol import (
     to_chat_prompt,
     to_sampling,
 )
-from coordinator.api.common import anthropic_error, anthropic_error_body, parse_body, sse
+from coordinator.api.common import (
+    anthropic_error,
+    anthropic_error_body,
+    close_streams,
+    gather_events,
+    parse_body,
+    sse,
+)
 from coordinator.service import ChatService
 from mesh import errors
 from mesh.types import (
@@ -290,59 +297,23 @@ async def create_message(request: Request) -> Response:
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
                 # Runs after a disconnect too: closes a body that never started or
                 # stopped at a `yield`, so the node always hears about it.
-                background=BackgroundTask(_close, stream, events),
+                background=BackgroundTask(close_streams, stream, events),
             )
-        await _collect(request, first, events, builder)
+        for event in await gather_events(request, first, events):
+            builder.feed(event)
         builder.end()
     except errors.MeshError as err:
         return anthropic_error(err, headers)
     finally:
         if not handed_off:
-            await _close(events)
+            await close_streams(events)
     if builder.error is not None:
         return anthropic_error(builder.error, headers)
     return JSONResponse(builder.message(), headers=headers)
 
 
-async def _close(*gens: AsyncGenerator[Any, None]) -> None:
-    # Starlette cancels a request through an anyio scope that re-cancels every await
-    # inside it; shielded, closing the node's stream (which stops it there) completes.
-    with anyio.CancelScope(shield=True):
-        for gen in gens:
-            await gen.aclose()
-
-
 async def _next(events: Events) -> GenerateEvent | None:
     return await anext(events, None)
-
-
-async def _collect(
-    request: Request, first: GenerateEvent, events: Events, builder: MessageBuilder
-) -> None:
-    """Feed every event to `builder`; Cancelled if the client disconnects first."""
-    builder.feed(first)
-    disconnected = False
-    failure: errors.MeshError | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            nonlocal disconnected
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            disconnected = True
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            async for event in events:
-                builder.feed(event)
-        except errors.MeshError as err:
-            failure = err  # raised below: inside, the task group would wrap it in a group
-        tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if disconnected:
-        raise errors.Cancelled("the client disconnected")
 
 
 async def _stream(
@@ -377,7 +348,7 @@ async def _stream(
             pending.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({pending})
-        await _close(events)
+        await close_streams(events)
 
 
 @router.post("/v1/messages/count_tokens")

@@ -9,13 +9,16 @@ Each API maps `mesh.errors` to its own envelope here, once:
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from mesh import errors
+from mesh.types import GenerateEvent
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -143,3 +146,45 @@ def sse(event: str | None, data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
+
+
+async def close_streams(*gens: AsyncGenerator[Any, None]) -> None:
+    """Close async generators even while the request is being cancelled.
+
+    Starlette cancels a request through an anyio scope that re-cancels every
+    await inside it; shielded, closing the node's stream (which is what stops
+    generation on the node) completes.
+    """
+    with anyio.CancelScope(shield=True):
+        for gen in gens:
+            await gen.aclose()
+
+
+async def gather_events(
+    request: Request, first: GenerateEvent, events: AsyncGenerator[GenerateEvent, None]
+) -> list[GenerateEvent]:
+    """Every event of a non-streaming request; Cancelled if the client disconnects first."""
+    out = [first]
+    disconnected = False
+    failure: errors.MeshError | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            async for event in events:
+                out.append(event)
+        except errors.MeshError as err:
+            failure = err  # raised below: inside, the task group would wrap it in a group
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if disconnected:
+        raise errors.Cancelled("the client disconnected")
+    return out

@@ -14,13 +14,14 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from coordinator.api.common import (
     RETRY_AFTER_SECONDS,
+    close_streams,
+    gather_events,
     http_status,
     openai_error_body,
     parse_body,
@@ -329,9 +330,9 @@ async def _complete(
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
                 # Runs after a disconnect too: closes a body that never started or
                 # stopped at a `yield`, so the node always hears about it.
-                background=BackgroundTask(_close, body, events),
+                background=BackgroundTask(close_streams, body, events),
             )
-        got = await _gather(request, first, events)
+        got = await gather_events(request, first, events)
         build = chat_completion if chat else text_completion
         return JSONResponse(build(got, meta), headers=headers)
     except StopAsyncIteration:
@@ -340,42 +341,7 @@ async def _complete(
         return _error(err, headers=headers)
     finally:
         if not handed_off:
-            await _close(events)
-
-
-async def _close(*gens: AsyncGenerator[Any, None]) -> None:
-    # Shielded: this is what cancels generation on the node, even mid-cancellation.
-    with anyio.CancelScope(shield=True):
-        for gen in gens:
-            await gen.aclose()
-
-
-async def _gather(request: Request, first: GenerateEvent, events: Events) -> list[GenerateEvent]:
-    """All events of a non-streaming request; stops early if the client disconnects."""
-    out = [first]
-    disconnected = False
-    failure: errors.MeshError | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            nonlocal disconnected
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            disconnected = True
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            async for ev in events:
-                out.append(ev)
-        except errors.MeshError as err:
-            failure = err  # raised below: inside, the task group would wrap it in a group
-        tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if disconnected:
-        raise errors.Cancelled("the client disconnected")
-    return out
+            await close_streams(events)
 
 
 async def _stream(
@@ -395,7 +361,7 @@ async def _stream(
         # The status line is gone; the error can only travel as a last chunk.
         yield sse(None, openai_error_body(err))
     finally:
-        await _close(events)
+        await close_streams(events)
     yield sse(None, "[DONE]")
 
 
