@@ -31,7 +31,10 @@ class _Server(uvicorn.Server):
 def _bind(host: str, port: int) -> socket.socket:
     """Bind here, so 'port in use' is an OSError we report, not uvicorn's sys.exit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # The explicit protocol matters: asyncio sets TCP_NODELAY on accepted connections
+    # only for IPPROTO_TCP sockets. Without it, Nagle + delayed ACK add ~40 ms to
+    # every response on a kept-open connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
