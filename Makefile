@@ -50,8 +50,10 @@ fmt: install
 proto: install
 	PYTHON=$(BIN)/python scripts/gen_proto.sh
 
+## Benchmarks (a few minutes each); figures go to docs/benchmarks.md.
 bench: install
 	$(BIN)/python bench/node_decode.py
+	$(BIN)/python bench/coordinator_overhead.py --engine both
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,945 @@
+"""Coordinator overhead: the HTTP APIs vs straight to the node's gRPC, same run.
+
+Target (the issue): added p50 TTFT <= 5 ms and decode throughput ratio
+(coordinator / direct) >= 0.98.
+
+What it measures
+    One `macmesh node` process and one `macmesh coordinator --peer NODE`
+    process (separate processes, as in a real mesh), each with its own
+    temporary `MACMESH_HOME`, started from this venv's `macmesh` script and
+    always stopped at the end (SIGTERM, then SIGKILL). The same chat (one user
+    message), greedy (`temperature` 0), `max_tokens` new tokens, goes down
+    three paths in every round, one after the other, never at the same time:
+
+    * direct:    `mesh.client.NodeClient.generate` on a kept-open gRPC channel
+                 (a `ChatPrompt`; the node renders it);
+    * anthropic: `POST /v1/messages`, `stream: true`;
+    * openai:    `POST /v1/chat/completions`, `stream: true`.
+
+    The two HTTP paths share one kept-open `httpx.AsyncClient`; SSE lines are
+    read raw and timestamped on arrival. The order of the three paths
+    rotates through all six permutations, so each path takes each position
+    equally often. Warmup rounds (not counted) open the connections first,
+    so connection setup is not in the measured numbers; a few extra "cold"
+    requests (fresh channel / fresh HTTP client each) are reported apart.
+
+    TTFT is request sent -> arrival of the first text delta (direct: the first
+    `TextDelta`; Anthropic: the first `content_block_delta` / `text_delta`;
+    OpenAI: the first chunk with a non-empty `delta.content`). Decode rate is
+    (deltas after the first) / (last delta time - first delta time); the
+    coordinator forwards each node `TextDelta` as one SSE event, so the three
+    paths count the same deltas (checked). Per round: added TTFT =
+    coordinator TTFT - direct TTFT, and ratio = coordinator rate / direct
+    rate. Reported: median TTFT per path, p50/p90 of the per-round added TTFT,
+    the median per-round ratio; also end to end ("e2e": request sent -> end of
+    the stream, i.e. the gRPC stream closed / the HTTP body finished after
+    `message_stop` or `[DONE]`), which is not part of the target. Every path
+    must produce the same text, the same number of deltas, the same completion
+    token count and finish reason; otherwise the run fails (exit code 2).
+
+    Back-to-back rounds (`--b2b`, after the measured rounds): each path sends
+    the request twice with no pause on the same connection, and only the
+    second is timed. The pause between paths (`--gap`, 0.1 s) otherwise lets
+    every connection go idle first; a request that follows the previous one
+    at once is what SDK clients and agent loops do, and on TCP it can behave
+    differently (delayed ACKs). Added TTFT is judged on both kinds of rounds.
+
+    Two probes, timed alone on the warm connections, hint where added TTFT
+    goes: the RenderPrompt RPC the coordinator makes before Generate, and an
+    HTTP round trip to the coordinator that does no mesh work (GET /health).
+
+    Engines (`--engine sim|mlx|both`):
+
+    * sim: a SIMULATED engine (`--sim-model sim:PREFILL:DECODE`): the node
+      sleeps prompt_tokens / PREFILL s, then emits one word per 1 / DECODE s.
+      Timing noise is ~1 ms, so the 5 ms TTFT budget is judged here.
+    * mlx: the real SmolLM2-135M default model on MLX (`macmesh models
+      prepare-default`, `--preload smollm2`). Slow and noisy on CPU; the
+      realism check for the throughput ratio.
+
+How to run
+    .venv/bin/python bench/coordinator_overhead.py                 # both engines
+    .venv/bin/python bench/coordinator_overhead.py --engine sim --rounds 30 \\
+        --json-out /tmp/bench_coord.json
+
+    `--coordinator-cmd "CMD"` starts the coordinator with CMD instead of this
+    venv's `macmesh` (the arguments `coordinator --port 0 --peer NODE` are
+    appended), to A/B-test a coordinator change without installing it.
+
+    Exit code 0 = PASS, 1 = FAIL (the sim verdict; the mlx verdict when only
+    mlx runs), 2 = output mismatch, a failed request or a failed start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import queue
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from mesh.client import NodeClient
+from mesh.errors import MeshError
+from mesh.types import (
+    ChatPrompt,
+    ErrorEvent,
+    Finish,
+    GenerateRequest,
+    Message,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCallEvent,
+)
+
+DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
+MLX_MODEL_ID = "smollm2"
+SIM_MODEL_ID = "sim"
+PATHS = ("direct", "anthropic", "openai")
+COORD_PATHS = ("anthropic", "openai")
+PATH_LABELS = {
+    "direct": "direct node gRPC",
+    "anthropic": "coordinator Anthropic `/v1/messages`",
+    "openai": "coordinator OpenAI `/v1/chat/completions`",
+}
+ORDERS = list(itertools.permutations(PATHS))
+NODE_READY = "macmesh node listening on "
+COORD_READY = "macmesh coordinator listening on "
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 20.0
+REQUEST_TIMEOUT_S = 900.0
+# Anthropic stop reasons in the node's terms, to compare finish reasons.
+ANTHROPIC_FINISH = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop_sequence"}
+ENGINE_DEFAULTS = {
+    # engine: (rounds, warmup, max_tokens, back-to-back rounds)
+    # mlx: a 2.7 s TTFT hides millisecond effects; its back-to-back rounds cost minutes.
+    "sim": (30, 2, 64, 10),
+    "mlx": (5, 1, 32, 0),
+}
+
+
+class BenchError(RuntimeError):
+    """A failed start, a failed request or a malformed stream (exit code 2)."""
+
+
+# ---------- one request on one path ----------
+
+
+@dataclass
+class Sample:
+    """One generation on one path; times are client-side arrivals."""
+
+    path: str
+    text: str = ""
+    deltas: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tps: float = 0.0
+    total_s: float = 0.0
+    cold: bool = False
+    # Seconds since the request, one per text delta.
+    arrivals: list[float] = field(default_factory=list)
+
+    def add_text(self, text: str, now: float) -> None:
+        self.text += text
+        self.deltas += 1
+        self.arrivals.append(now)
+
+    def close(self, t_end: float) -> Sample:
+        if not self.arrivals:
+            raise BenchError(f"{self.path}: no text came back")
+        self.ttft_s = self.arrivals[0]
+        self.decode_s = self.arrivals[-1] - self.arrivals[0]
+        steps = len(self.arrivals) - 1
+        self.decode_tps = steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+        self.total_s = t_end
+        return self
+
+
+def chat_messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def run_direct(
+    client: NodeClient, model: str, prompt: str, max_tokens: int, *, cold: bool = False
+) -> Sample:
+    """Straight to the node: `NodeClient.generate` with the chat prompt."""
+    request = GenerateRequest(
+        model=model,
+        prompt=ChatPrompt((Message("user", prompt),)),
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+    )
+    s = Sample("direct", cold=cold)
+    finish: Finish | None = None
+    t_req = time.perf_counter()
+    async for event in client.generate(request):
+        now = time.perf_counter() - t_req
+        if isinstance(event, TextDelta):
+            if event.text:
+                s.add_text(event.text, now)
+        elif isinstance(event, ErrorEvent):
+            raise BenchError(f"direct: node error {event.code}: {event.message}")
+        elif isinstance(event, ReasoningDelta | ToolCallEvent):
+            raise BenchError(f"direct: unexpected event {event!r}")
+        elif isinstance(event, Finish):
+            finish = event
+    if finish is None:
+        raise BenchError("direct: the stream ended without a Finish event")
+    s.completion_tokens = finish.usage.completion_tokens
+    s.finish_reason = finish.reason.value
+    return s.close(time.perf_counter() - t_req)
+
+
+async def _sse_data(resp: httpx.Response, path: str) -> AsyncIterator[tuple[float, str]]:
+    """Yield (arrival time, parsed data) for each `data:` line (raw, not buffered)."""
+    if resp.status_code != 200:
+        body = (await resp.aread()).decode(errors="replace")
+        raise BenchError(f"{path}: HTTP {resp.status_code}: {body[:300]}")
+    async for line in resp.aiter_lines():
+        if line.startswith("data:"):
+            yield time.perf_counter(), line[5:].strip()
+
+
+async def run_anthropic(
+    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, **kw: bool
+) -> Sample:
+    """`POST /v1/messages`, `stream: true`."""
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "messages": chat_messages(prompt),
+    }
+    headers = {"anthropic-version": "2023-06-01"}
+    s = Sample("anthropic", cold=kw.get("cold", False))
+    stopped = False
+    t_req = time.perf_counter()
+    async with http.stream("POST", f"{base}/v1/messages", json=body, headers=headers) as resp:
+        async for t, raw in _sse_data(resp, "anthropic"):
+            data = json.loads(raw)
+            kind = data.get("type")
+            if kind == "content_block_delta":
+                delta = data["delta"]
+                if delta.get("type") != "text_delta":
+                    raise BenchError(f"anthropic: unexpected delta {delta!r}")
+                if delta["text"]:
+                    s.add_text(delta["text"], t - t_req)
+            elif kind == "message_delta":
+                s.completion_tokens = data["usage"]["output_tokens"]
+                reason = data["delta"]["stop_reason"]
+                s.finish_reason = ANTHROPIC_FINISH.get(reason, reason)
+            elif kind == "message_stop":
+                stopped = True
+            elif kind == "error":
+                raise BenchError(f"anthropic: error event {data!r}")
+    if not stopped:
+        raise BenchError("anthropic: the stream ended without message_stop")
+    return s.close(time.perf_counter() - t_req)
+
+
+async def run_openai(
+    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, **kw: bool
+) -> Sample:
+    """`POST /v1/chat/completions`, `stream: true` (usage in the last chunk)."""
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": chat_messages(prompt),
+    }
+    s = Sample("openai", cold=kw.get("cold", False))
+    done = False
+    t_req = time.perf_counter()
+    async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+        async for t, raw in _sse_data(resp, "openai"):
+            if raw == "[DONE]":
+                done = True
+                continue
+            data = json.loads(raw)
+            if "error" in data:
+                raise BenchError(f"openai: error chunk {data!r}")
+            for choice in data.get("choices") or ():
+                content = choice.get("delta", {}).get("content")
+                if content:
+                    s.add_text(content, t - t_req)
+                if choice.get("finish_reason"):
+                    s.finish_reason = choice["finish_reason"]
+            if data.get("usage"):
+                s.completion_tokens = data["usage"]["completion_tokens"]
+    if not done:
+        raise BenchError("openai: the stream ended without [DONE]")
+    return s.close(time.perf_counter() - t_req)
+
+
+# ---------- rounds ----------
+
+
+@dataclass
+class Round:
+    index: int
+    order: str
+    warmup: bool
+    samples: dict[str, Sample]
+    added_ttft_ms: dict[str, float]
+    ratio: dict[str, float]
+    added_e2e_ms: dict[str, float]
+    mismatch: str = ""
+
+
+def _check_same(samples: dict[str, Sample]) -> str:
+    ref = samples["direct"]
+    for p in COORD_PATHS:
+        s = samples[p]
+        for what in ("deltas", "completion_tokens", "finish_reason"):
+            a, b = getattr(ref, what), getattr(s, what)
+            if a != b:
+                return f"{what}: direct {a!r}, {p} {b!r}"
+        if s.text != ref.text:
+            at = next(
+                (i for i, (x, y) in enumerate(zip(ref.text, s.text, strict=False)) if x != y),
+                min(len(ref.text), len(s.text)),
+            )
+            return (
+                f"text differs at char {at}: direct {ref.text[at : at + 40]!r}, "
+                f"{p} {s.text[at : at + 40]!r}"
+            )
+    return ""
+
+
+def make_round(index: int, order: str, warmup: bool, samples: dict[str, Sample]) -> Round:
+    d = samples["direct"]
+    added = {p: (samples[p].ttft_s - d.ttft_s) * 1e3 for p in COORD_PATHS}
+    ratio = {
+        p: samples[p].decode_tps / d.decode_tps if d.decode_tps > 0 else 0.0 for p in COORD_PATHS
+    }
+    e2e = {p: (samples[p].total_s - d.total_s) * 1e3 for p in COORD_PATHS}
+    return Round(index, order, warmup, samples, added, ratio, e2e, _check_same(samples))
+
+
+@dataclass
+class EngineConfig:
+    engine: str
+    model: str
+    rounds: int
+    warmup: int
+    cold: int
+    b2b: int
+    max_tokens: int
+    prompt: str
+    gap_s: float
+
+
+@dataclass
+class Results:
+    rounds: list[Round]  # warmup rounds included (flagged)
+    b2b: list[Round]  # the second request of each back-to-back pair
+    cold: list[Sample]
+    probes: dict[str, float]
+
+
+async def run_rounds(cfg: EngineConfig, node_target: str, base_url: str) -> Results:
+    """Warmup, measured and back-to-back rounds and probes on kept-open connections,
+    then the cold requests."""
+    done: list[Round] = []
+    b2b: list[Round] = []
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
+    # trust_env=False: no proxy between the bench and 127.0.0.1.
+    async with (
+        NodeClient(node_target, timeout=REQUEST_TIMEOUT_S) as node,
+        httpx.AsyncClient(timeout=timeout, trust_env=False) as http,
+    ):
+        await node.wait_ready(30.0)
+        args = (cfg.model, cfg.prompt, cfg.max_tokens)
+
+        async def one(path: str) -> Sample:
+            if path == "direct":
+                return await run_direct(node, *args)
+            if path == "anthropic":
+                return await run_anthropic(http, base_url, *args)
+            return await run_openai(http, base_url, *args)
+
+        for i in range(cfg.warmup + cfg.rounds):
+            warmup = i < cfg.warmup
+            index = i - cfg.warmup + 1
+            order = ORDERS[i % len(ORDERS)]
+            samples: dict[str, Sample] = {}
+            for p in order:
+                samples[p] = await one(p)
+                await asyncio.sleep(cfg.gap_s)  # connections idle, the node settled
+            r = make_round(index, ",".join(order), warmup, samples)
+            label = "warmup" if warmup else f"round {index}/{cfg.rounds}"
+            d = samples["direct"]
+            print(
+                f"[{cfg.engine}] {label}: direct TTFT {d.ttft_s * 1e3:.1f} ms, "
+                f"{d.decode_tps:.2f} tok/s; added TTFT anthropic "
+                f"{r.added_ttft_ms['anthropic']:+.1f} ms, openai {r.added_ttft_ms['openai']:+.1f}"
+                f" ms; ratio {r.ratio['anthropic']:.3f} / {r.ratio['openai']:.3f} ({r.order})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if r.mismatch:
+                print(f"!!! OUTPUT MISMATCH in {label}: {r.mismatch}", file=sys.stderr)
+            done.append(r)
+        for j in range(cfg.b2b):
+            order = ORDERS[j % len(ORDERS)]
+            samples = {}
+            for p in order:
+                first = await one(p)
+                samples[p] = await one(p)  # at once, on the same connection
+                if first.text != samples[p].text:
+                    raise BenchError(f"{p}: back-to-back requests gave different text")
+                await asyncio.sleep(cfg.gap_s)
+            r = make_round(j + 1, ",".join(order), False, samples)
+            print(
+                f"[{cfg.engine}] back-to-back {j + 1}/{cfg.b2b}: direct TTFT "
+                f"{samples['direct'].ttft_s * 1e3:.1f} ms; added TTFT anthropic "
+                f"{r.added_ttft_ms['anthropic']:+.1f} ms, openai "
+                f"{r.added_ttft_ms['openai']:+.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+            if r.mismatch:
+                print(f"!!! OUTPUT MISMATCH in back-to-back {j + 1}: {r.mismatch}", file=sys.stderr)
+            b2b.append(r)
+        probes = await run_probes(node, http, base_url, cfg)
+
+    cold: list[Sample] = []
+    for _ in range(cfg.cold):
+        for p in PATHS:
+            # A fresh channel / client per request: connection setup is counted.
+            if p == "direct":
+                async with NodeClient(node_target, timeout=REQUEST_TIMEOUT_S) as fresh:
+                    cold.append(await run_direct(fresh, *args, cold=True))
+            else:
+                async with httpx.AsyncClient(timeout=timeout, trust_env=False) as fresh_http:
+                    run = run_anthropic if p == "anthropic" else run_openai
+                    cold.append(await run(fresh_http, base_url, *args, cold=True))
+            await asyncio.sleep(cfg.gap_s)
+    return Results(done, b2b, cold, probes)
+
+
+async def run_probes(
+    node: NodeClient, http: httpx.AsyncClient, base_url: str, cfg: EngineConfig, n: int = 20
+) -> dict[str, float]:
+    """Where the added TTFT can go: two fixed costs of the coordinator path, timed alone.
+
+    `render_rpc_ms`: the RenderPrompt RPC the coordinator makes before Generate
+    (same chat, same model). `http_health_ms`: an HTTP round trip to the
+    coordinator that does no mesh work (GET /health).
+    """
+    chat = ChatPrompt((Message("user", cfg.prompt),))
+    render: list[float] = []
+    health: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await node.render(cfg.model, chat)
+        render.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        (await http.get(f"{base_url}/health")).raise_for_status()
+        health.append((time.perf_counter() - t0) * 1e3)
+    return {"render_rpc_ms": _median(render), "http_health_ms": _median(health)}
+
+
+# ---------- processes ----------
+
+
+class Service:
+    """A `macmesh` child with its own MACMESH_HOME; always stopped by `stop()`."""
+
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, ready: str, exe: Sequence[str] = ()
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.exe = list(exe) or [str(Path(sys.executable).parent / "macmesh")]
+        self.ready = ready
+        self.home = workdir / f"{name}-home"
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MACMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*self.exe, *self.args], stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
+        )
+        threading.Thread(target=self._pump, daemon=True, name=f"{self.name}-stdout").start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> str:
+        """What follows the `... listening on ` line (address or URL)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name} did not start in {timeout:g}s; see {self.log_path}")
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise BenchError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            if line.startswith(self.ready):
+                return line[len(self.ready) :].strip()
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a timeout."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def prepare_default_model(models_dir: Path) -> None:
+    exe = Path(sys.executable).parent / "macmesh"
+    subprocess.run(
+        [str(exe), "models", "prepare-default", "--models-dir", str(models_dir)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    if not (models_dir / MLX_MODEL_ID / "config.json").is_file():
+        raise BenchError(f"prepare-default did not produce {models_dir / MLX_MODEL_ID}")
+
+
+def wait_coordinator(base_url: str, model: str, timeout: float = 60.0) -> None:
+    """Until /health reports a node online and /v1/models lists `model`."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    with httpx.Client(timeout=5.0, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            try:
+                health = http.get(f"{base_url}/health").json()
+                if health.get("nodes_online", 0) >= 1:
+                    ids = [m["id"] for m in http.get(f"{base_url}/v1/models").json()["data"]]
+                    if model in ids:
+                        return
+                    last = f"models {ids}"
+                else:
+                    last = f"health {health}"
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                last = repr(exc)
+            time.sleep(0.05)
+    raise BenchError(f"the coordinator did not see {model!r} in {timeout:g}s (last: {last})")
+
+
+def run_engine(
+    cfg: EngineConfig, args: argparse.Namespace, work: Path
+) -> tuple[Results, dict[str, Any]]:
+    work.mkdir(parents=True)
+    node_args = [
+        "node", "--grpc-port", "0", "--no-hf-cache", "--no-bonjour", "--no-default-model",
+        "--shutdown-grace", "2",
+    ]  # fmt: skip
+    if cfg.engine == "sim":
+        node_args += ["--sim-model", f"{SIM_MODEL_ID}:{args.sim_prefill}:{args.sim_decode}"]
+    else:
+        models_dir = work / "models"
+        prepare_default_model(models_dir)
+        node_args += ["--models-dir", str(models_dir), "--preload", MLX_MODEL_ID]
+    node = Service("node", node_args, work, NODE_READY)
+    coord: Service | None = None
+    try:
+        node.start()
+        target = node.wait_ready()
+        coord = Service(
+            "coordinator",
+            ["coordinator", "--port", "0", "--no-bonjour", "--peer", target],
+            work,
+            COORD_READY,
+            exe=shlex.split(args.coordinator_cmd or ""),
+        )
+        coord.start()
+        base_url = coord.wait_ready(60.0)
+        wait_coordinator(base_url, cfg.model)
+        print(f"[{cfg.engine}] node {target}, coordinator {base_url}", file=sys.stderr, flush=True)
+        results = asyncio.run(run_rounds(cfg, target, base_url))
+    except (BenchError, MeshError, httpx.HTTPError, subprocess.CalledProcessError) as exc:
+        tails = f"node log tail:\n{node.log_tail()}"
+        if coord is not None:
+            tails += f"\ncoordinator log tail:\n{coord.log_tail()}"
+        raise BenchError(f"{cfg.engine}: {exc}\n{tails}") from exc
+    finally:
+        if coord is not None:
+            coord.stop()
+        node.stop()
+    return results, {"node": target, "coordinator": base_url}
+
+
+# ---------- summary and reporting ----------
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), numpy's default method."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(rounds: Sequence[Round], cold: Sequence[Sample]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in PATHS:
+        ss = [r.samples[p] for r in rounds]
+        row: dict[str, float] = {
+            "median_ttft_ms": _median([s.ttft_s * 1e3 for s in ss]),
+            "median_decode_tps": _median([s.decode_tps for s in ss]),
+            "median_e2e_ms": _median([s.total_s * 1e3 for s in ss]),
+            "cold_median_ttft_ms": _median([s.ttft_s * 1e3 for s in cold if s.path == p]),
+        }
+        if p != "direct":
+            added = [r.added_ttft_ms[p] for r in rounds]
+            row["added_ttft_p50_ms"] = percentile(added, 50)
+            row["added_ttft_p90_ms"] = percentile(added, 90)
+            row["median_ratio"] = _median([r.ratio[p] for r in rounds])
+            row["min_ratio"] = min(r.ratio[p] for r in rounds)
+            row["added_e2e_p50_ms"] = percentile([r.added_e2e_ms[p] for r in rounds], 50)
+        out[p] = row
+    return out
+
+
+def summarize_b2b(b2b: Sequence[Round]) -> dict[str, Any]:
+    """TTFT and e2e of the second request of each back-to-back pair."""
+    if not b2b:
+        return {}
+    out: dict[str, Any] = {}
+    for p in PATHS:
+        ss = [r.samples[p] for r in b2b]
+        row: dict[str, float] = {
+            "median_ttft_ms": _median([s.ttft_s * 1e3 for s in ss]),
+            "median_e2e_ms": _median([s.total_s * 1e3 for s in ss]),
+        }
+        if p != "direct":
+            added = [r.added_ttft_ms[p] for r in b2b]
+            row["added_ttft_p50_ms"] = percentile(added, 50)
+            row["added_ttft_p90_ms"] = percentile(added, 90)
+            row["added_e2e_p50_ms"] = percentile([r.added_e2e_ms[p] for r in b2b], 50)
+        out[p] = row
+    return out
+
+
+def verdict(
+    summary: dict[str, Any], b2b: dict[str, Any], max_added_ms: float, min_ratio: float
+) -> tuple[bool, str]:
+    """PASS when added p50 TTFT (idle and back-to-back) and the ratio meet the targets."""
+    added = [summary[p]["added_ttft_p50_ms"] for p in COORD_PATHS]
+    added += [b2b[p]["added_ttft_p50_ms"] for p in COORD_PATHS if b2b]
+    worst_ratio = min(summary[p]["median_ratio"] for p in COORD_PATHS)
+    ok = max(added) <= max_added_ms and worst_ratio >= min_ratio
+    a, o = summary["anthropic"], summary["openai"]
+    text = (
+        f"added p50 TTFT {a['added_ttft_p50_ms']:.2f} ms (anthropic), "
+        f"{o['added_ttft_p50_ms']:.2f} ms (openai)"
+    )
+    if b2b:
+        text += (
+            f"; back-to-back {b2b['anthropic']['added_ttft_p50_ms']:.2f} ms (anthropic), "
+            f"{b2b['openai']['added_ttft_p50_ms']:.2f} ms (openai)"
+        )
+    text += (
+        f" vs <= {max_added_ms:g} ms; ratio {a['median_ratio']:.3f} (anthropic), "
+        f"{o['median_ratio']:.3f} (openai) vs >= {min_ratio:g}"
+    )
+    return ok, text
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    head = (
+        "| path | median TTFT ms | added TTFT p50 ms | added TTFT p90 ms "
+        "| median decode tok/s | ratio vs direct (median) | cold TTFT ms | median e2e ms "
+        "| added e2e p50 ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = []
+    for p in PATHS:
+        s = summary[p]
+        if p == "direct":
+            extra = "| — | — | "
+        else:
+            extra = f"| {s['added_ttft_p50_ms']:+.2f} | {s['added_ttft_p90_ms']:+.2f} | "
+        ratio = "—" if p == "direct" else f"{s['median_ratio']:.3f}"
+        e2e = "—" if p == "direct" else f"{s['added_e2e_p50_ms']:+.2f}"
+        rows.append(
+            f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} {extra}"
+            f"{s['median_decode_tps']:.2f} | {ratio} | {s['cold_median_ttft_ms']:.1f} "
+            f"| {s['median_e2e_ms']:.1f} | {e2e} |"
+        )
+    return "\n".join([head, *rows])
+
+
+def b2b_table(b2b: dict[str, Any]) -> str:
+    head = (
+        "| path (second of two requests sent back to back) | median TTFT ms "
+        "| added TTFT p50 ms | added TTFT p90 ms | median e2e ms | added e2e p50 ms |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
+    rows = []
+    for p in PATHS:
+        s = b2b[p]
+        if p == "direct":
+            row = f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} | — | — "
+            rows.append(row + f"| {s['median_e2e_ms']:.1f} | — |")
+        else:
+            rows.append(
+                f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} | {s['added_ttft_p50_ms']:+.2f} "
+                f"| {s['added_ttft_p90_ms']:+.2f} | {s['median_e2e_ms']:.1f} "
+                f"| {s['added_e2e_p50_ms']:+.2f} |"
+            )
+    return "\n".join([head, *rows])
+
+
+def rounds_table(rounds: Sequence[Round]) -> str:
+    head = (
+        "| round | order | direct TTFT ms | +anthropic ms | +openai ms | direct tok/s "
+        "| ratio anthropic | ratio openai |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    short = {"direct": "D", "anthropic": "A", "openai": "O"}
+    rows = [
+        f"| {r.index} | {'→'.join(short[p] for p in r.order.split(','))} "
+        f"| {r.samples['direct'].ttft_s * 1e3:.1f} | {r.added_ttft_ms['anthropic']:+.2f} "
+        f"| {r.added_ttft_ms['openai']:+.2f} | {r.samples['direct'].decode_tps:.2f} "
+        f"| {r.ratio['anthropic']:.3f} | {r.ratio['openai']:.3f} |"
+        for r in rounds
+    ]
+    return "\n".join([head, *rows])
+
+
+def machine_info() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        **{d: version(d) for d in ("grpcio", "httpx", "fastapi", "uvicorn", "mlx", "mlx-lm")},
+    }
+    try:
+        import mlx.core as mx
+
+        info["mlx_default_device"] = str(mx.default_device())
+    except ImportError:
+        info["mlx_default_device"] = ""
+    return info
+
+
+# ---------- main ----------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="TTFT and decode tok/s through the coordinator's HTTP APIs vs the node's gRPC."
+    )
+    p.add_argument("--engine", choices=("sim", "mlx", "both"), default="both")
+    p.add_argument("--rounds", type=int, help="measured rounds (default 30 sim, 5 mlx)")
+    p.add_argument("--warmup", type=int, help="unmeasured rounds first (default 2 sim, 1 mlx)")
+    p.add_argument("--max-tokens", type=int, help="tokens per generation (default 64 sim, 32 mlx)")
+    p.add_argument("--cold", type=int, default=3, help="cold-connection requests per path")
+    p.add_argument("--b2b", type=int, help="back-to-back pairs per path (default 10 sim, 0 mlx)")
+    p.add_argument(
+        "--coordinator-cmd",
+        help="start the coordinator with this command instead of the venv's `macmesh`",
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message")
+    p.add_argument("--sim-prefill", type=float, default=2000.0, help="sim prefill tok/s")
+    p.add_argument("--sim-decode", type=float, default=100.0, help="sim decode tok/s")
+    p.add_argument("--gap", type=float, default=0.1, help="seconds idle between requests")
+    p.add_argument("--max-added-ttft-ms", type=float, default=5.0, help="target: added p50 TTFT")
+    p.add_argument("--min-ratio", type=float, default=0.98, help="target: decode tok/s ratio")
+    p.add_argument("--json-out", type=Path, help="write all raw numbers here")
+    args = p.parse_args(argv)
+    if (args.rounds is not None and args.rounds < 1) or (
+        args.warmup is not None and args.warmup < 0
+    ):
+        p.error("need --rounds >= 1 and --warmup >= 0")
+    if args.max_tokens is not None and args.max_tokens < 3:
+        p.error("need --max-tokens >= 3")
+    if args.cold < 0 or args.gap < 0 or (args.b2b is not None and args.b2b < 0):
+        p.error("need --cold >= 0, --b2b >= 0 and --gap >= 0")
+    return args
+
+
+def engine_config(engine: str, args: argparse.Namespace) -> EngineConfig:
+    rounds, warmup, max_tokens, b2b = ENGINE_DEFAULTS[engine]
+    return EngineConfig(
+        engine=engine,
+        model=SIM_MODEL_ID if engine == "sim" else MLX_MODEL_ID,
+        rounds=args.rounds if args.rounds is not None else rounds,
+        warmup=args.warmup if args.warmup is not None else warmup,
+        cold=args.cold,
+        b2b=args.b2b if args.b2b is not None else b2b,
+        max_tokens=args.max_tokens if args.max_tokens is not None else max_tokens,
+        prompt=args.prompt,
+        gap_s=args.gap,
+    )
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Unwind through the `finally` that stops the children (the default would not).
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    engines = ["sim", "mlx"] if args.engine == "both" else [args.engine]
+    started = datetime.datetime.now(datetime.UTC)
+    load_start = os.getloadavg()
+    results: dict[str, Any] = {}
+    mismatches: list[str] = []
+    judged: str = engines[0]  # sim when it runs
+    verdicts: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory(prefix="macmesh-bench-coord-") as tmp:
+        for engine in engines:
+            cfg = engine_config(engine, args)
+            eng_load_start = os.getloadavg()
+            try:
+                res, where = run_engine(cfg, args, Path(tmp) / engine)
+            except BenchError as exc:
+                print(f"bench failed: {exc}", file=sys.stderr)
+                return 2
+            eng_load_end = os.getloadavg()
+            all_rounds, probes = res.rounds, res.probes
+            rounds = [r for r in all_rounds if not r.warmup]
+            summary = summarize(rounds, res.cold)
+            b2b = summarize_b2b(res.b2b)
+            ok, why = verdict(summary, b2b, args.max_added_ttft_ms, args.min_ratio)
+            bad = [f"{engine} round {r.index}: {r.mismatch}" for r in all_rounds if r.mismatch]
+            bad += [f"{engine} back-to-back {r.index}: {r.mismatch}" for r in res.b2b if r.mismatch]
+            mismatches += bad
+            verdicts[engine] = ok
+            word = "MISMATCH" if bad else ("PASS" if ok else "FAIL")
+            title = (
+                f"SIMULATED engine (sim:{args.sim_prefill:g}:{args.sim_decode:g}: sleeps "
+                f"prompt/{args.sim_prefill:g} s, then one word per 1/{args.sim_decode:g} s)"
+                if engine == "sim"
+                else f"real MLX engine ({MLX_MODEL_ID}, SmolLM2-135M)"
+            )
+            ref = all_rounds[-1].samples["direct"]
+            print(f"\n### {engine}: {title}\n")
+            print(
+                f"{cfg.rounds} rounds (+{cfg.warmup} warmup) {cfg.gap_s:g} s apart, "
+                f"{cfg.b2b} back-to-back rounds, {cfg.max_tokens} max tokens, "
+                f"{ref.deltas} text deltas / {ref.completion_tokens} completion tokens per "
+                f"request, finish `{ref.finish_reason}`; load average "
+                f"{eng_load_start[0]:.2f} → {eng_load_end[0]:.2f}\n"
+            )
+            print(summary_table(summary))
+            print()
+            if b2b:
+                print(b2b_table(b2b))
+                print()
+            print(rounds_table(rounds))
+            print()
+            judged_note = "" if engine == judged else " (reported, not judged)"
+            print(f"**{engine} verdict: {word}**{judged_note}: {why}")
+            print(
+                f"\nprobes (medians of 20, warm connections): RenderPrompt RPC "
+                f"{probes['render_rpc_ms']:.2f} ms, HTTP GET /health "
+                f"{probes['http_health_ms']:.2f} ms"
+            )
+            for m in bad:
+                print(f"!!! output mismatch (correctness bug): {m}")
+            results[engine] = {
+                "config": asdict(cfg),
+                "endpoints": where,
+                "loadavg_start": list(eng_load_start),
+                "loadavg_end": list(eng_load_end),
+                "summary": summary,
+                "back_to_back": b2b,
+                "probes": probes,
+                "verdict": word,
+                "verdict_detail": why,
+                "judged": engine == judged,
+                "mismatches": bad,
+                "text": ref.text,
+                "rounds": [asdict(r) for r in rounds],
+                "warmup_rounds": [asdict(r) for r in all_rounds if r.warmup],
+                "b2b_rounds": [asdict(r) for r in res.b2b],
+                "cold": [asdict(s) for s in res.cold],
+            }
+    load_end = os.getloadavg()
+    print(f"\nload average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
+
+    if args.json_out is not None:
+        report = {
+            "started_at": started.isoformat(),
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "coordinator_cmd": args.coordinator_cmd or "",
+            "targets": {
+                "max_added_ttft_p50_ms": args.max_added_ttft_ms,
+                "min_ratio": args.min_ratio,
+            },
+            "machine": {
+                **machine_info(),
+                "loadavg_start": list(load_start),
+                "loadavg_end": list(load_end),
+            },
+            "judged_engine": judged,
+            "verdict": "MISMATCH" if mismatches else ("PASS" if verdicts[judged] else "FAIL"),
+            "mismatches": mismatches,
+            "engines": results,
+        }
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if mismatches:
+        return 2
+    return 0 if verdicts[judged] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
