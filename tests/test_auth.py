@@ -355,3 +355,63 @@ def test_tls_file_errors_are_clear(tmp_path: Path, pki: Pki) -> None:
         channel_credentials(tmp_path / "junk.pem", None, None)
     with pytest.raises(AuthConfigError, match="go together"):
         channel_credentials(pki.ca, pki.cert, None)
+
+
+def test_mtls_end_to_end_through_node_and_coordinator_config(tmp_path: Path, pki: Pki) -> None:
+    """The --tls-* settings as `macmesh node` / `coordinator` use them, plus the secret."""
+    import time
+
+    import httpx
+
+    from coordinator.config import CoordinatorConfig
+    from node.config import NodeConfig, SimModelSpec
+    from tests.conftest import start_coordinator, start_node
+
+    secret = b"mtls-secret-0123456789"
+    node = start_node(
+        NodeConfig(
+            grpc_port=0,
+            home=tmp_path / "n",
+            models_dir=tmp_path / "n" / "m",
+            scan_hf_cache=False,
+            sim_models=(SimModelSpec("tls-model", 50_000, 2000),),
+            secret=secret,
+            tls_cert=pki.cert,
+            tls_key=pki.key,
+            tls_ca=pki.ca,
+        )
+    )
+    good = bad = None
+    try:
+        good = start_coordinator(
+            CoordinatorConfig(
+                home=tmp_path / "c1",
+                peers=(node.target,),
+                secret=secret,
+                tls_ca=pki.ca,
+                tls_cert=pki.cert,
+                tls_key=pki.key,
+            )
+        )
+        body = {
+            "model": "tls-model",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "x"}],
+        }
+        r = httpx.post(good.base_url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        # Trusts the CA but shows no client certificate: the node never becomes usable.
+        bad = start_coordinator(
+            CoordinatorConfig(
+                home=tmp_path / "c2", peers=(node.target,), secret=secret, tls_ca=pki.ca
+            ),
+            wait_nodes=0,
+        )
+        time.sleep(2)
+        (view,) = httpx.get(bad.base_url + "/api/nodes").json()["nodes"]
+        assert view["status"] != "online" and view["error"]
+    finally:
+        for c in (good, bad):
+            if c is not None:
+                c.stop()
+        node.stop()
