@@ -81,21 +81,20 @@ import json
 import math
 import os
 import platform
-import queue
 import shlex
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
+from _procs import DEFAULT_MODEL_ID, ManagedProcess, ProcessError, prepare_default_model
 
 from mesh.client import NodeClient
 from mesh.errors import MeshError
@@ -112,7 +111,7 @@ from mesh.types import (
 )
 
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
-MLX_MODEL_ID = "smollm2"
+MLX_MODEL_ID = DEFAULT_MODEL_ID  # what `macmesh models prepare-default` imports
 SIM_MODEL_ID = "sim"
 PATHS = ("direct", "anthropic", "openai")
 COORD_PATHS = ("anthropic", "openai")
@@ -124,8 +123,6 @@ PATH_LABELS = {
 ORDERS = list(itertools.permutations(PATHS))
 NODE_READY = "macmesh node listening on "
 COORD_READY = "macmesh coordinator listening on "
-START_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 900.0
 # Anthropic stop reasons in the node's terms, to compare finish reasons.
 ANTHROPIC_FINISH = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop_sequence"}
@@ -467,83 +464,18 @@ async def run_probes(
 # ---------- processes ----------
 
 
-class Service:
-    """A `macmesh` child with its own MACMESH_HOME; always stopped by `stop()`."""
-
-    def __init__(
-        self, name: str, args: list[str], workdir: Path, ready: str, exe: Sequence[str] = ()
-    ) -> None:
-        self.name = name
-        self.args = args
-        self.exe = list(exe) or [str(Path(sys.executable).parent / "macmesh")]
-        self.ready = ready
-        self.home = workdir / f"{name}-home"
-        self.log_path = workdir / f"{name}.log"
-        self.proc: subprocess.Popen[str] | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MACMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*self.exe, *self.args], stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
-        )
-        threading.Thread(target=self._pump, daemon=True, name=f"{self.name}-stdout").start()
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> str:
-        """What follows the `... listening on ` line (address or URL)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"{self.name} did not start in {timeout:g}s; see {self.log_path}")
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise BenchError(f"{self.name} exited during start-up:\n{self.log_tail()}")
-            if line.startswith(self.ready):
-                return line[len(self.ready) :].strip()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a timeout."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def prepare_default_model(models_dir: Path) -> None:
-    exe = Path(sys.executable).parent / "macmesh"
-    subprocess.run(
-        [str(exe), "models", "prepare-default", "--models-dir", str(models_dir)],
-        check=True,
-        stdout=subprocess.DEVNULL,
+def service(
+    name: str, args: list[str], workdir: Path, ready: str, exe: Sequence[str] = ()
+) -> ManagedProcess:
+    """A `macmesh` child with its own MACMESH_HOME under `workdir`."""
+    return ManagedProcess(
+        name,
+        args,
+        home=workdir / f"{name}-home",
+        log_path=workdir / f"{name}.log",
+        ready=ready,
+        exe=exe,
     )
-    if not (models_dir / MLX_MODEL_ID / "config.json").is_file():
-        raise BenchError(f"prepare-default did not produce {models_dir / MLX_MODEL_ID}")
 
 
 def wait_coordinator(base_url: str, model: str, timeout: float = 60.0) -> None:
@@ -581,12 +513,12 @@ def run_engine(
         models_dir = work / "models"
         prepare_default_model(models_dir)
         node_args += ["--models-dir", str(models_dir), "--preload", MLX_MODEL_ID]
-    node = Service("node", node_args, work, NODE_READY)
-    coord: Service | None = None
+    node = service("node", node_args, work, NODE_READY)
+    coord: ManagedProcess | None = None
     try:
         node.start()
         target = node.wait_ready()
-        coord = Service(
+        coord = service(
             "coordinator",
             ["coordinator", "--port", "0", "--no-bonjour", "--peer", target],
             work,
@@ -598,7 +530,13 @@ def run_engine(
         wait_coordinator(base_url, cfg.model)
         print(f"[{cfg.engine}] node {target}, coordinator {base_url}", file=sys.stderr, flush=True)
         results = asyncio.run(run_rounds(cfg, target, base_url))
-    except (BenchError, MeshError, httpx.HTTPError, subprocess.CalledProcessError) as exc:
+    except (
+        BenchError,
+        ProcessError,
+        MeshError,
+        httpx.HTTPError,
+        subprocess.CalledProcessError,
+    ) as exc:
         tails = f"node log tail:\n{node.log_tail()}"
         if coord is not None:
             tails += f"\ncoordinator log tail:\n{coord.log_tail()}"
@@ -849,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eng_load_start = os.getloadavg()
             try:
                 res, where = run_engine(cfg, args, Path(tmp) / engine)
-            except BenchError as exc:
+            except (BenchError, ProcessError) as exc:
                 print(f"bench failed: {exc}", file=sys.stderr)
                 return 2
             eng_load_end = os.getloadavg()

@@ -45,18 +45,17 @@ import importlib.metadata
 import json
 import os
 import platform
-import queue
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from _procs import ManagedProcess, prepare_default_model
 
 from mesh.client import NodeClient
 from mesh.errors import MeshError
@@ -73,10 +72,7 @@ from mesh.types import (
 )
 
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
-DEFAULT_MODEL_ID = "smollm2"
 READY_PREFIX = "macmesh node listening on "
-NODE_START_TIMEOUT_S = 300.0
-NODE_STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 900.0
 
 
@@ -259,89 +255,22 @@ def _compare(index: int, order: str, warmup: bool, base: Sample, node: Sample) -
 # ---------- the node process ----------
 
 
-class NodeProcess:
-    """A `macmesh node` child with its own MACMESH_HOME; always stopped by `stop()`."""
-
-    def __init__(self, models_dir: Path, model_id: str, workdir: Path) -> None:
-        self.models_dir = models_dir
-        self.model_id = model_id
-        self.workdir = workdir
-        self.log_path = workdir / "node.log"
-        self.proc: subprocess.Popen[str] | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        exe = Path(sys.executable).parent / "macmesh"
-        home = self.workdir / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MACMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        cmd = [
-            str(exe), "node", "--grpc-port", "0", "--no-hf-cache", "--no-bonjour",
-            "--no-default-model", "--models-dir", str(self.models_dir), "--preload", self.model_id,
-            "--shutdown-grace", "2",
-        ]  # fmt: skip
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
-        )
-        threading.Thread(target=self._pump, daemon=True, name="node-stdout").start()
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float = NODE_START_TIMEOUT_S) -> str:
-        """The node's `host:port`, once it printed that it listens."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"the node did not start in {timeout:g}s; see {self.log_path}")
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError("the node exited during start-up")
-            if line.startswith(READY_PREFIX):
-                return line[len(READY_PREFIX) :].strip()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a timeout."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(NODE_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def prepare_default_model(models_dir: Path) -> Path:
-    """Import the embedded default model with the `macmesh` CLI of this venv."""
-    exe = Path(sys.executable).parent / "macmesh"
-    subprocess.run(
-        [str(exe), "models", "prepare-default", "--models-dir", str(models_dir)],
-        check=True,
-        stdout=subprocess.DEVNULL,
+def node_process(models_dir: Path, model_id: str, workdir: Path) -> ManagedProcess:
+    """A `macmesh node` child with its own MACMESH_HOME, preloading `model_id`."""
+    args = [
+        "node", "--grpc-port", "0", "--no-hf-cache", "--no-bonjour",
+        "--no-default-model", "--models-dir", str(models_dir), "--preload", model_id,
+        "--shutdown-grace", "2",
+    ]  # fmt: skip
+    return ManagedProcess(
+        "node",
+        args,
+        home=workdir / "home",
+        log_path=workdir / "node.log",
+        ready=READY_PREFIX,
+        label="the node",
+        tail_on_exit=False,  # main prints the log tail with any failure
     )
-    path = models_dir / DEFAULT_MODEL_ID
-    if not (path / "config.json").is_file():
-        raise RuntimeError(f"prepare-default did not produce {path}")
-    return path
 
 
 # ---------- reporting ----------
@@ -488,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir = args.model_dir.resolve()
             (models_dir / model_dir.name).symlink_to(model_dir, target_is_directory=True)
         model_id = model_dir.name
-        node = NodeProcess(models_dir, model_id, work)
+        node = node_process(models_dir, model_id, work)
         load_start = os.getloadavg()
         started = datetime.datetime.now(datetime.UTC)
         try:
