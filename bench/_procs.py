@@ -6,16 +6,18 @@ as `python bench/<script>.py`, which puts this folder on `sys.path`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from node.models.default import DEFAULT_MODEL_ID
 
@@ -25,6 +27,8 @@ __all__ = [
     "STOP_TIMEOUT_S",
     "ManagedProcess",
     "ProcessError",
+    "exit_on_sigterm",
+    "machine_info",
     "macmesh_exe",
     "prepare_default_model",
 ]
@@ -141,3 +145,34 @@ def prepare_default_model(models_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ProcessError(f"prepare-default did not produce {path}")
     return path
+
+
+def machine_info(packages: Mapping[str, str]) -> dict[str, Any]:
+    """Platform facts plus installed versions: `packages` maps JSON key -> distribution."""
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        **{key: version(dist) for key, dist in packages.items()},
+    }
+    try:
+        import mlx.core as mx
+
+        info["mlx_default_device"] = str(mx.default_device())
+    except ImportError:
+        info["mlx_default_device"] = ""
+    return info
+
+
+def exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM handler: unwind through the `finally` that stops the children
+    (the default action would not)."""
+    raise SystemExit(128 + signum)

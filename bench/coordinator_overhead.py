@@ -75,12 +75,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.metadata
 import itertools
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import statistics
@@ -94,7 +92,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _procs import DEFAULT_MODEL_ID, ManagedProcess, ProcessError, prepare_default_model
+from _procs import (
+    DEFAULT_MODEL_ID,
+    ManagedProcess,
+    ProcessError,
+    exit_on_sigterm,
+    machine_info,
+    prepare_default_model,
+)
 
 from mesh.client import NodeClient
 from mesh.errors import MeshError
@@ -113,6 +118,8 @@ from mesh.types import (
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
 MLX_MODEL_ID = DEFAULT_MODEL_ID  # what `macmesh models prepare-default` imports
 SIM_MODEL_ID = "sim"
+# Distributions whose versions go into the JSON report.
+VERSIONED = ("grpcio", "httpx", "fastapi", "uvicorn", "mlx", "mlx-lm")
 PATHS = ("direct", "anthropic", "openai")
 COORD_PATHS = ("anthropic", "openai")
 PATH_LABELS = {
@@ -692,29 +699,6 @@ def rounds_table(rounds: Sequence[Round]) -> str:
     return "\n".join([head, *rows])
 
 
-def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        **{d: version(d) for d in ("grpcio", "httpx", "fastapi", "uvicorn", "mlx", "mlx-lm")},
-    }
-    try:
-        import mlx.core as mx
-
-        info["mlx_default_device"] = str(mx.default_device())
-    except ImportError:
-        info["mlx_default_device"] = ""
-    return info
-
-
 # ---------- main ----------
 
 
@@ -766,14 +750,9 @@ def engine_config(engine: str, args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    # Unwind through the `finally` that stops the children (the default would not).
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     engines = ["sim", "mlx"] if args.engine == "both" else [args.engine]
     started = datetime.datetime.now(datetime.UTC)
     load_start = os.getloadavg()
@@ -863,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "min_ratio": args.min_ratio,
             },
             "machine": {
-                **machine_info(),
+                **machine_info({d: d for d in VERSIONED}),
                 "loadavg_start": list(load_start),
                 "loadavg_end": list(load_end),
             },

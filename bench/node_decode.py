@@ -41,10 +41,8 @@ import argparse
 import asyncio
 import bisect
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -55,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _procs import ManagedProcess, prepare_default_model
+from _procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
 
 from mesh.client import NodeClient
 from mesh.errors import MeshError
@@ -276,27 +274,6 @@ def node_process(models_dir: Path, model_id: str, workdir: Path) -> ManagedProce
 # ---------- reporting ----------
 
 
-def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-
-    import mlx.core as mx
-
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "mlx": version("mlx"),
-        "mlx_lm": version("mlx-lm"),
-        "grpcio": version("grpcio"),
-        "mlx_default_device": str(mx.default_device()),
-    }
-
-
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -399,14 +376,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    # Unwind through the `finally` that stops the node (the default action would not).
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="macmesh-bench-") as tmp:
         work = Path(tmp)
         models_dir = work / "models"
@@ -461,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "min_ratio": args.min_ratio,
             },
             "machine": {
-                **machine_info(),
+                **machine_info({"mlx": "mlx", "mlx_lm": "mlx-lm", "grpcio": "grpcio"}),
                 "loadavg_start": list(load_start),
                 "loadavg_end": list(load_end),
             },
