@@ -45,6 +45,9 @@ class Prepared:
     token_ids: tuple[int, ...]
     context_length: int
     tools: tuple[Tool, ...]
+    # The chat as asked (after defaults): GGUF nodes get it instead of token ids,
+    # because llama-server renders it and parses tool calls/reasoning itself.
+    chat: ChatPrompt | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -133,14 +136,16 @@ class ChatService:
             rendered = await node.client.render(res.model, prompt)
             ids, context = rendered.token_ids, rendered.context_length
             tools = prompt.tools
+            chat: ChatPrompt | None = prompt
         else:
             ids = tuple(await node.client.tokenize(res.model, prompt.text, True))
             info = node.model(res.model)
             context = info.context_length if info else 0
             tools = ()
+            chat = None
         if context and len(ids) >= context:
             raise PromptTooLong(len(ids), context)
-        return Prepared(res, node, reason, ids, context, tools)
+        return Prepared(res, node, reason, ids, context, tools, chat)
 
     async def count_tokens(self, name: str, prompt: ChatPrompt) -> int:
         """Exactly the prompt tokens the node will prefill for this chat."""
@@ -181,6 +186,29 @@ class ChatService:
 
         return min(views, key=key)
 
+    @staticmethod
+    def _request_for(
+        prepared: Prepared, node: NodeView, sampling: SamplingParams, request_id: str
+    ) -> GenerateRequest:
+        """The request as `node` should get it: its prompt form, and the draft if it has it."""
+        info = node.model(prepared.model)
+        prompt: ChatPrompt | TokenPrompt = TokenPrompt(prepared.token_ids)
+        if prepared.chat is not None and info is not None and info.backend == "gguf":
+            prompt = prepared.chat
+        draft = prepared.resolution.draft_model or ""
+        if draft and node.model(draft) is None:
+            # A draft only speeds things up: a node without it still serves the model.
+            log.info("%s: node %s has no draft model %r", request_id, node.node_id, draft)
+            draft = ""
+        return GenerateRequest(
+            model=prepared.model,
+            prompt=prompt,
+            sampling=sampling,
+            request_id=request_id,
+            tools=prepared.tools,
+            draft_model=draft,
+        )
+
     async def generate(
         self, prepared: Prepared, params: SamplingParams, request_id: str = ""
     ) -> AsyncGenerator[GenerateEvent, None]:
@@ -192,13 +220,8 @@ class ChatService:
         into its error event).
         """
         sampling, policy_capped = self._sampling(prepared, params)
-        request = GenerateRequest(
-            model=prepared.model,
-            prompt=TokenPrompt(prepared.token_ids),
-            sampling=sampling,
-            request_id=request_id or f"req_{uuid.uuid4().hex[:16]}",
-            tools=prepared.tools,
-        )
+        request_id = request_id or f"req_{uuid.uuid4().hex[:16]}"
+        request = self._request_for(prepared, prepared.node, sampling, request_id)
         node: NodeView | None = prepared.node
         tried: set[str] = set()
         started = produced = False
@@ -209,6 +232,7 @@ class ChatService:
                 tried.add(node.target)
                 failure: MeshError | None = None
                 node.inflight += 1
+                request = self._request_for(prepared, node, sampling, request_id)
                 stream = node.client.generate(request)
                 try:
                     async for event in stream:

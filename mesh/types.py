@@ -96,6 +96,8 @@ class GenerateRequest:
     # Tools for parsing calls out of `TextPrompt`/`TokenPrompt` output;
     # a `ChatPrompt` carries its own.
     tools: tuple[Tool, ...] = ()
+    # Speculative decoding: a draft model id on the same node ("" = none).
+    draft_model: str = ""
 
     @property
     def all_tools(self) -> tuple[Tool, ...]:
@@ -229,6 +231,9 @@ class ModelLoad:
     queued_prefill_tokens: int = 0
     prefill_tokens_per_second: float = 0.0
     decode_tokens_per_second: float = 0.0
+    # Speculative decoding since load: proposed by the draft / accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

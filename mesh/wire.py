@@ -161,6 +161,7 @@ def request_to_pb(req: GenerateRequest) -> pb.GenerateRequest:
         sampling=_sampling_to_pb(req.sampling),
         request_id=req.request_id,
         tools=[_tool_to_pb(t) for t in req.tools],
+        draft_model=req.draft_model,
     )
     prompt = req.prompt
     if isinstance(prompt, ChatPrompt):
@@ -190,6 +191,7 @@ def request_from_pb(msg: pb.GenerateRequest) -> GenerateRequest:
         sampling=_sampling_from_pb(msg.sampling),
         request_id=msg.request_id,
         tools=tuple(_tool_from_pb(t) for t in msg.tools),
+        draft_model=msg.draft_model,
     )
 
 
@@ -364,6 +366,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
                 queued_prefill_tokens=x.queued_prefill_tokens,
                 prefill_tokens_per_second=x.prefill_tokens_per_second,
                 decode_tokens_per_second=x.decode_tokens_per_second,
+                draft_tokens=x.draft_tokens,
+                accepted_draft_tokens=x.accepted_draft_tokens,
             )
             for x in s.load
         ],
@@ -395,6 +399,8 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
                 queued_prefill_tokens=x.queued_prefill_tokens,
                 prefill_tokens_per_second=x.prefill_tokens_per_second,
                 decode_tokens_per_second=x.decode_tokens_per_second,
+                draft_tokens=x.draft_tokens,
+                accepted_draft_tokens=x.accepted_draft_tokens,
             )
             for x in msg.load
         ),

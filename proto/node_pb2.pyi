@@ -301,11 +301,16 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    DRAFT_MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     """Raw completion text (no chat template)."""
     request_id: _builtins.str
     """Caller's id, echoed in logs; the node makes one when empty."""
+    draft_model: _builtins.str
+    """Speculative decoding: a draft model on this node that shares the target's
+    tokenizer. Empty = no draft.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatPrompt: ...
     @_builtins.property
@@ -330,10 +335,11 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         request_id: _builtins.str = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
+        draft_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "sampling", b"sampling", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "request_id", b"request_id", "sampling", b"sampling", "text", b"text", "tokens", b"tokens", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "draft_model", b"draft_model", "input", b"input", "model", b"model", "request_id", b"request_id", "sampling", b"sampling", "text", b"text", "tokens", b"tokens", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "text", "tokens"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -838,6 +844,8 @@ class ModelLoad(_message.Message):
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     waiting: _builtins.int
@@ -846,6 +854,11 @@ class ModelLoad(_message.Message):
     prefill_tokens_per_second: _builtins.float
     """Moving averages measured on this node (0 = not measured yet)."""
     decode_tokens_per_second: _builtins.float
+    draft_tokens: _builtins.int
+    """Speculative decoding since the model was loaded: tokens the draft
+    proposed / the target accepted.
+    """
+    accepted_draft_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -855,10 +868,12 @@ class ModelLoad(_message.Message):
         queued_prefill_tokens: _builtins.int = ...,
         prefill_tokens_per_second: _builtins.float = ...,
         decode_tokens_per_second: _builtins.float = ...,
+        draft_tokens: _builtins.int = ...,
+        accepted_draft_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_tokens_per_second", b"decode_tokens_per_second", "model", b"model", "prefill_tokens_per_second", b"prefill_tokens_per_second", "queued_prefill_tokens", b"queued_prefill_tokens", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_draft_tokens", b"accepted_draft_tokens", "decode_tokens_per_second", b"decode_tokens_per_second", "draft_tokens", b"draft_tokens", "model", b"model", "prefill_tokens_per_second", b"prefill_tokens_per_second", "queued_prefill_tokens", b"queued_prefill_tokens", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,7 +65,7 @@ TOOL = Tool(
             request_id="r1",
         ),
         GenerateRequest(model="m", prompt=TextPrompt("hello")),
-        GenerateRequest(model="m", prompt=TokenPrompt((1, 2, 3)), tools=(TOOL,)),
+        GenerateRequest(model="m", prompt=TokenPrompt((1, 2, 3)), tools=(TOOL,), draft_model="d"),
         GenerateRequest(model="m", prompt=ChatPrompt((Message("user", "u"),))),
     ],
 )
@@ -113,7 +113,7 @@ def test_state_round_trip() -> None:
         timestamp=1.5,
         models=(ModelInfo("m", "mlx", "models-dir", "/p", True, 10, 8192, "q4", True, False, 5),),
         memory=Memory(100, 60, 40, 7),
-        load=(ModelLoad("m", 1, 2, 300, 10.5, 7.5),),
+        load=(ModelLoad("m", 1, 2, 300, 10.5, 7.5, 40, 31),),
         running=1,
         waiting=2,
         draining=True,
