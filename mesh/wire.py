@@ -110,6 +110,7 @@ def chat_to_pb(chat: ChatPrompt) -> pb.ChatPrompt:
         messages=[_message_to_pb(m) for m in chat.messages],
         tools=[_tool_to_pb(t) for t in chat.tools],
         add_generation_prompt=chat.add_generation_prompt,
+        tool_required=chat.tool_required,
     )
     if chat.enable_thinking is not None:
         msg.enable_thinking = chat.enable_thinking
@@ -124,6 +125,7 @@ def chat_from_pb(msg: pb.ChatPrompt) -> ChatPrompt:
         add_generation_prompt=(
             msg.add_generation_prompt if msg.HasField("add_generation_prompt") else True
         ),
+        tool_required=msg.tool_required,
     )
 
 

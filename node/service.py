@@ -26,6 +26,7 @@ from mesh.types import (
     RenderedPrompt,
     Started,
 )
+from node.backends.llamacpp import LlamaCppBackend
 from node.backends.mlx import MLXBackend
 from node.backends.sim import SimBackend
 from node.config import NodeConfig
@@ -71,6 +72,7 @@ class NodeCore:
             config.resolved_models_dir,
             hf_cache=config.scan_hf_cache,
             hf_cache_dir=config.hf_cache_dir,
+            gguf_dirs=lambda: self.gguf.gguf_dirs(),
         )
         self.mlx = MLXBackend(
             self.catalog,
@@ -84,6 +86,13 @@ class NodeCore:
         self.draining = False
         self._sequence = 0
         self._changed = asyncio.Event()
+        self.gguf = LlamaCppBackend(
+            self.catalog,
+            home=config.home,
+            defaults=config.sampling,
+            max_waiting=config.max_waiting,
+            on_change=self.notify,
+        )
 
     # ---------- state ----------
 
@@ -97,8 +106,9 @@ class NodeCore:
         """Set at the next change; take it before reading a snapshot."""
         return self._changed
 
-    def _backends(self) -> list[MLXBackend | SimBackend]:
-        return [self.mlx] if self.sim is None else [self.mlx, self.sim]
+    def _backends(self) -> list[MLXBackend | LlamaCppBackend | SimBackend]:
+        out: list[MLXBackend | LlamaCppBackend | SimBackend] = [self.mlx, self.gguf]
+        return out if self.sim is None else [*out, self.sim]
 
     def snapshot(self) -> NodeState:
         vm = psutil.virtual_memory()
@@ -125,7 +135,7 @@ class NodeCore:
     # ---------- models ----------
 
     def list_models(self, *, refresh: bool = True) -> list[ModelInfo]:
-        loaded = self.mlx.loaded()
+        loaded = {**self.mlx.loaded(), **self.gguf.loaded()}
         out: list[ModelInfo] = []
         for mid, entry in sorted(self.catalog.entries(refresh=refresh).items()):
             if mid in loaded:
@@ -146,13 +156,17 @@ class NodeCore:
             out.extend(self.sim.loaded().values())
         return out
 
-    def _backend_for(self, model_id: str) -> MLXBackend | SimBackend:
+    def _backend_for(self, model_id: str) -> MLXBackend | LlamaCppBackend | SimBackend:
         if self.sim is not None and model_id in self.sim.specs:
             return self.sim
         # Loaded models skip the catalog: no disk scan on the request path.
         if model_id in self.mlx.loaded():
             return self.mlx
+        if model_id in self.gguf.loaded():
+            return self.gguf
         entry = self.catalog.get(model_id)
+        if entry.backend == "gguf":
+            return self.gguf
         if entry.backend != "mlx":
             raise ModelLoadError(f"no backend on this node serves {entry.backend} models")
         return self.mlx
@@ -165,7 +179,8 @@ class NodeCore:
     async def unload(self, model_id: str) -> bool:
         if self.sim is not None and model_id in self.sim.specs:
             return False
-        was = await self.mlx.unload(model_id)
+        backend = self._backend_for(model_id)
+        was = await backend.unload(model_id)
         self.notify()
         return was
 

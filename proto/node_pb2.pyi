@@ -166,11 +166,17 @@ class ChatPrompt(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     ENABLE_THINKING_FIELD_NUMBER: _builtins.int
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    TOOL_REQUIRED_FIELD_NUMBER: _builtins.int
     enable_thinking: _builtins.bool
     """Unset: the template's default. Set: asks the template to (not) think."""
     add_generation_prompt: _builtins.bool
     """End the prompt with the assistant header (default true); false continues
     the last assistant message.
+    """
+    tool_required: _builtins.bool
+    """The model must call one of `tools` (OpenAI "required" or a named function,
+    Anthropic "any"/"tool"). GGUF nodes enforce it with a grammar; MLX nodes
+    offer the tools and cannot force a call.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
@@ -183,10 +189,11 @@ class ChatPrompt(_message.Message):
         tools: _abc.Iterable[Global___Tool] | None = ...,
         enable_thinking: _builtins.bool | None = ...,
         add_generation_prompt: _builtins.bool | None = ...,
+        tool_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_enable_thinking", b"_enable_thinking", "add_generation_prompt", b"add_generation_prompt", "enable_thinking", b"enable_thinking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_enable_thinking", b"_enable_thinking", "add_generation_prompt", b"add_generation_prompt", "enable_thinking", b"enable_thinking", "messages", b"messages", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "_enable_thinking", b"_enable_thinking", "add_generation_prompt", b"add_generation_prompt", "enable_thinking", b"enable_thinking", "messages", b"messages", "tool_required", b"tool_required", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_generation_prompt: _TypeAlias = _typing.Literal["add_generation_prompt"]  # noqa: Y015
     _WhichOneofArgType__add_generation_prompt: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt"]  # noqa: Y015

@@ -302,8 +302,21 @@ def to_chat_prompt(request: ChatRequest) -> ChatPrompt:
     thinking: bool | None = None
     if request.thinking is not None:
         thinking = request.thinking.type != "disabled"
+    tools = to_tools(request)
+    choice = request.tool_choice
+    if choice is not None and choice.type == "tool":
+        # A named tool: offer only that one, and require the call.
+        tools = tuple(t for t in tools if t.name == choice.name)
+        if not tools:
+            raise errors.InvalidRequest(
+                f"no tool named {choice.name!r} in tools", field="tool_choice.name"
+            )
+    required = bool(tools) and choice is not None and choice.type in ("any", "tool")
     return ChatPrompt(
-        messages=to_messages(request), tools=to_tools(request), enable_thinking=thinking
+        messages=to_messages(request),
+        tools=tools,
+        enable_thinking=thinking,
+        tool_required=required,
     )
 
 

@@ -232,13 +232,13 @@ def _tools(req: ChatCompletionRequest) -> tuple[Tool, ...]:
     )
     choice = req.tool_choice
     if choice is None or choice in ("auto", "required"):
-        # "required" is best effort: the tools are offered, nothing forces a call.
+        # "required" is enforced where the engine can (GGUF grammar); see ChatPrompt.
         return tools
     if choice == "none":
         return ()
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         wanted = choice["function"].get("name")
-        # A named function is best effort too: offer only that one.
+        # A named function: offer only that one (and require a call).
         named = tuple(t for t in tools if t.name == wanted)
         if not named:
             raise errors.InvalidRequest(f"no tool named {wanted!r} in tools", field="tool_choice")
@@ -273,10 +273,13 @@ def to_chat(req: ChatCompletionRequest) -> tuple[ChatPrompt, SamplingParams]:
                 "must be a boolean", field="chat_template_kwargs.enable_thinking"
             )
     limits = [n for n in (req.max_tokens, req.max_completion_tokens) if n is not None]
+    tools = _tools(req)
+    choice = req.tool_choice
     prompt = ChatPrompt(
         messages=tuple(to_message(m, i) for i, m in enumerate(req.messages)),
-        tools=_tools(req),
+        tools=tools,
         enable_thinking=thinking,
+        tool_required=bool(tools) and (choice == "required" or isinstance(choice, dict)),
     )
     return prompt, _sampling(req, min(limits) if limits else None)
 

@@ -1,4 +1,9 @@
-"""Which models this node can serve: the models dir and the Hugging Face cache."""
+"""Which models this node can serve: the models dir and the Hugging Face cache.
+
+MLX models are directories (config.json + safetensors); GGUF models are
+`*.gguf` files (node.models.gguf_catalog), also looked for in the extra
+directories `gguf_config.json` names.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +125,8 @@ def scan_hf_cache(cache_dir: Path | None = None) -> dict[str, CatalogEntry]:
     except (OSError, ValueError) as exc:
         log.warning("cannot scan the Hugging Face cache: %s", exc)
         return {}
+    from node.models.gguf_catalog import gguf_entry
+
     found: dict[str, CatalogEntry] = {}
     for repo in info.repos:
         if repo.repo_type != "model" or not repo.revisions:
@@ -127,6 +135,11 @@ def scan_hf_cache(cache_dir: Path | None = None) -> dict[str, CatalogEntry]:
         entry = mlx_entry(repo.repo_id, Path(newest.snapshot_path), "hf-cache")
         if entry is not None:
             found[entry.id] = entry
+            continue
+        for f in newest.files:
+            gguf = gguf_entry(Path(f.file_path), "hf-cache")
+            if gguf is not None:
+                found.setdefault(gguf.id, gguf)
     return found
 
 
@@ -134,11 +147,18 @@ class Catalog:
     """The node's models on disk; rescans (throttled) when asked for news."""
 
     def __init__(
-        self, models_dir: Path, *, hf_cache: bool = True, hf_cache_dir: Path | None = None
+        self,
+        models_dir: Path,
+        *,
+        hf_cache: bool = True,
+        hf_cache_dir: Path | None = None,
+        gguf_dirs: Callable[[], tuple[Path, ...]] = tuple,
     ) -> None:
         self.models_dir = models_dir
         self.hf_cache = hf_cache
         self.hf_cache_dir = hf_cache_dir
+        # Called at each rescan: gguf_config.json may change while the node runs.
+        self.gguf_dirs = gguf_dirs
         self._entries: dict[str, CatalogEntry] = {}
         self._scanned_at = float("-inf")
         self._lock = threading.Lock()
@@ -148,7 +168,12 @@ class Catalog:
         with self._lock:
             now = time.monotonic()
             if refresh and now - self._scanned_at >= _RESCAN_SECONDS:
+                from node.models.gguf_catalog import scan_gguf_dir
+
                 found = scan_hf_cache(self.hf_cache_dir) if self.hf_cache else {}
+                for extra in self.gguf_dirs():
+                    found.update(scan_gguf_dir(extra, "gguf-dir"))
+                found.update(scan_gguf_dir(self.models_dir, "models-dir"))
                 found.update(scan_models_dir(self.models_dir))
                 self._entries = found
                 self._scanned_at = now

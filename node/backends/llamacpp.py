@@ -1,0 +1,643 @@
+"""The GGUF backend: each model is served by its own supervised llama-server.
+
+Chats go to llama-server's `/v1/chat/completions` (`--jinja`), so its own
+chat-format parsers turn the model's output into tool calls and reasoning.
+Templates that know no tools would drop them silently; for those, the tools
+are described in the system message and calls are parsed from `<tool_call>`
+tags, exactly as the MLX backend does (node.backends.chat_template). Text and
+token prompts go to `/completion`. Stop sequences are matched here, not by
+llama-server, which does not say whether a stop string or EOS ended a chat.
+
+Counts are llama-server's own: prompts are rendered with `/apply-template`
+and counted with `/tokenize`, the calls the chat endpoint makes internally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mesh.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    Overloaded,
+    PromptTooLong,
+    Unavailable,
+)
+from mesh.types import (
+    ChatPrompt,
+    ErrorEvent,
+    Finish,
+    FinishReason,
+    GenerateEvent,
+    GenerateRequest,
+    ModelInfo,
+    ModelLoad,
+    ReasoningDelta,
+    RenderedPrompt,
+    Started,
+    TextPrompt,
+    ToolCall,
+    ToolCallEvent,
+    Usage,
+)
+from node.backends.chat_template import (
+    FALLBACK_TOOL_END,
+    FALLBACK_TOOL_START,
+    build_template_input,
+)
+from node.backends.llamacpp_server import (
+    GGUFSettings,
+    LlamaServer,
+    LlamaServerError,
+    ServerSpec,
+    reap_orphans,
+)
+from node.backends.outparse import OutputParser, ParserConfig, json_tool_call_parser, new_call_id
+from node.backends.stats import ModelStats
+from node.config import SamplingDefaults
+from node.models.catalog import Catalog
+from node.sampling import ResolvedSampling, resolve_sampling
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+}
+
+
+@dataclass
+class _Run:
+    """What one generation has seen of llama-server's stream."""
+
+    timings: dict[str, Any]
+    finish: str | None = None
+    usage_prompt: int = 0
+    usage_completion: int = 0
+    # /completion only: the stop string llama-server matched.
+    stop_word: str = ""
+
+
+class LlamaCppBackend:
+    """Serves the catalog's GGUF models through llama-server; see the module docstring."""
+
+    name = "gguf"
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        home: Path,
+        defaults: SamplingDefaults,
+        max_waiting: int,
+        on_change: Any = None,
+    ) -> None:
+        self.catalog = catalog
+        self.home = home
+        self.defaults = defaults
+        self.max_waiting = max_waiting
+        self._on_change = on_change or (lambda: None)
+        self._servers: dict[tuple[str, str], LlamaServer] = {}
+        self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._parallel: dict[tuple[str, str], int] = {}
+        self._stats: dict[str, ModelStats] = {}
+        self._closing = False
+        reaped = reap_orphans(home / "run")
+        if reaped:
+            log.warning("reaped %d llama-server(s) left behind by a node that died", reaped)
+
+    # ---------- settings and servers ----------
+
+    def settings(self) -> GGUFSettings:
+        """`gguf_config.json`, re-read on every use (it is small and may change)."""
+        return GGUFSettings.load(self.home)
+
+    def gguf_dirs(self) -> tuple[Path, ...]:
+        """Extra GGUF directories for the catalog; a broken config only logs."""
+        try:
+            return self.settings().model_dirs
+        except LlamaServerError as exc:
+            log.warning("%s", exc.message)
+            return ()
+
+    def _resolve_file(self, ref: str, role: str) -> tuple[str, Path]:
+        """A GGUF model id (or a path, for the seed's `draft_model`) -> (id, file)."""
+        entries = self.catalog.entries()
+        entry = entries.get(ref)
+        if entry is None:
+            path = Path(ref).expanduser()
+            if path.suffix.lower() == ".gguf" and path.is_file():
+                return path.name, path
+            raise ModelNotFound(ref, entries)
+        if entry.backend != "gguf":
+            raise InvalidRequest(
+                f"{role} {ref!r} is an {entry.backend} model; a GGUF model needs a GGUF {role}",
+                field="draft_model" if role == "draft" else "model",
+            )
+        return entry.id, entry.path
+
+    def _server(self, model_id: str, draft: str = "") -> LlamaServer:
+        settings = self.settings()
+        if not settings.enabled:
+            raise ModelLoadError(
+                f"GGUF models are disabled on this node (`enabled: false` in "
+                f"{self.home / 'gguf_config.json'})"
+            )
+        mid, path = self._resolve_file(model_id, "model")
+        draft = draft or settings.draft_model or ""
+        did, dpath = self._resolve_file(draft, "draft") if draft else ("", None)
+        key = (mid, did)
+        server = self._servers.get(key)
+        if server is None:
+            server = LlamaServer(
+                ServerSpec(mid, path, did, dpath), self.home, on_change=self._on_change
+            )
+            self._servers[key] = server
+            self._slots[key] = asyncio.Semaphore(settings.parallel)
+            self._parallel[key] = settings.parallel
+            self._stats.setdefault(mid, ModelStats())
+        return server
+
+    async def _ready(
+        self, model_id: str, draft: str = "", *, explicit: bool = False
+    ) -> LlamaServer:
+        if self._closing:
+            raise Unavailable("the node is shutting down")
+        server = self._server(model_id, draft)
+        if server.healthy:
+            return server
+        settings = self.settings()
+        if not explicit and not settings.auto_start and not server.crashed:
+            raise ModelLoadError(
+                f"{model_id} is not loaded and `auto_start` is false in gguf_config.json; "
+                "load it first (LoadModel / `macmesh models load`)"
+            )
+        await server.ensure_started(settings)
+        return server
+
+    # ---------- Backend protocol: models ----------
+
+    def loaded(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {}
+        for (mid, _), server in self._servers.items():
+            if not server.healthy or server.info is None:
+                continue
+            prev = out.get(mid)
+            memory = server.memory_bytes() + (prev.memory_bytes if prev else 0)
+            out[mid] = ModelInfo(
+                id=mid,
+                backend="gguf",
+                source="llama-server",
+                path=str(server.spec.model_path),
+                loaded=True,
+                size_bytes=server.spec.model_path.stat().st_size
+                if server.spec.model_path.exists()
+                else 0,
+                context_length=server.info.n_ctx,
+                quantization=prev.quantization if prev else self._quant(mid),
+                supports_tools=True,  # natively, or through the described-tools fallback
+                supports_thinking=server.info.supports_thinking,
+                memory_bytes=memory,
+            )
+        return out
+
+    def _quant(self, model_id: str) -> str:
+        entry = self.catalog.entries(refresh=False).get(model_id)
+        return entry.quantization if entry else ""
+
+    async def load(self, model_id: str) -> tuple[ModelInfo, float]:
+        t0 = time.perf_counter()
+        server = await self._ready(model_id, explicit=True)
+        info = self.loaded()[server.spec.model_id]
+        return info, time.perf_counter() - t0
+
+    async def unload(self, model_id: str) -> bool:
+        keys = [k for k in self._servers if k[0] == model_id]
+        was = any(self._servers[k].healthy for k in keys)
+        for key in keys:
+            await self._servers.pop(key).stop()
+            self._slots.pop(key, None)
+            self._parallel.pop(key, None)
+        self._stats.pop(model_id, None)
+        return was
+
+    # ---------- rendering ----------
+
+    @staticmethod
+    async def _post(server: LlamaServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if server.client is None:
+            raise Unavailable(server.crashed or f"llama-server for {server.spec.label} is down")
+        try:
+            r = await server.client.post(path, json=body, timeout=60.0)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"llama-server for {server.spec.label}: {exc}") from None
+        if r.status_code == 400:
+            raise InvalidRequest(_error_message(r))
+        if r.status_code != 200:
+            raise Unavailable(f"llama-server for {server.spec.label}: {_error_message(r)}")
+        data = r.json()
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _chat_body(server: LlamaServer, chat: ChatPrompt) -> tuple[dict[str, Any], bool]:
+        """The OpenAI-style chat body, and whether tools ride in the system prompt."""
+        assert server.info is not None
+        native = server.info.supports_tools or not chat.tools
+        inp = build_template_input(chat, native_tools=native)
+        body: dict[str, Any] = {"messages": [_wire_message(m) for m in inp.messages]}
+        if inp.tools:
+            body["tools"] = inp.tools
+        if chat.enable_thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": chat.enable_thinking}
+        if not chat.add_generation_prompt:
+            body["add_generation_prompt"] = False
+        if chat.tool_required and chat.tools:
+            if native:
+                body["tool_choice"] = "required"
+            else:
+                body["grammar"] = tool_call_grammar([t.name for t in chat.tools])
+        return body, not native
+
+    async def _render_ids(self, server: LlamaServer, chat: ChatPrompt) -> tuple[list[int], str]:
+        body, _ = self._chat_body(server, chat)
+        prompt = (await self._post(server, "/apply-template", body)).get("prompt", "")
+        ids = await self._tokenize(server, str(prompt), True)
+        return ids, str(prompt)
+
+    async def _tokenize(self, server: LlamaServer, text: str, add_special: bool) -> list[int]:
+        data = await self._post(
+            server,
+            "/tokenize",
+            {"content": text, "add_special": add_special, "parse_special": True},
+        )
+        return [int(t) for t in data.get("tokens", [])]
+
+    async def render(
+        self, model_id: str, chat: ChatPrompt, include_text: bool = False
+    ) -> RenderedPrompt:
+        server = await self._ready(model_id)
+        ids, text = await self._render_ids(server, chat)
+        assert server.info is not None
+        return RenderedPrompt(
+            token_ids=tuple(ids),
+            context_length=server.info.n_ctx,
+            text=text if include_text else "",
+        )
+
+    async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
+        return await self._tokenize(await self._ready(model_id), text, add_special_tokens)
+
+    # ---------- generation ----------
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """Render and count, queue for a slot, then stream llama-server's output."""
+        sampling = resolve_sampling(request.sampling, self.defaults)
+        server = await self._ready(request.model, request.draft_model)
+        assert server.info is not None
+        prompt = request.prompt
+        tools = request.all_tools
+        endpoint, body, fallback_tools = "/completion", dict[str, Any](), bool(tools)
+        if isinstance(prompt, ChatPrompt):
+            endpoint = "/v1/chat/completions"
+            body, fallback_tools = self._chat_body(server, prompt)
+            ids, _ = await self._render_ids(server, prompt)
+        elif isinstance(prompt, TextPrompt):
+            if not prompt.text:
+                raise InvalidRequest("must not be empty", field="text")
+            ids = await self._tokenize(server, prompt.text, True)
+            body = {"prompt": ids}
+        else:
+            ids = list(prompt.ids)
+            body = {"prompt": ids}
+        if not ids:
+            raise InvalidRequest("the prompt is empty", field="input")
+        n_ctx = server.info.n_ctx
+        if n_ctx and len(ids) >= n_ctx:
+            raise PromptTooLong(len(ids), n_ctx)
+        if n_ctx:
+            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, n_ctx - len(ids)))
+        body.update(_sampling_body(sampling, chat=endpoint != "/completion"))
+        key = server.spec.key
+        stats = self._stats.setdefault(server.spec.model_id, ModelStats())
+        slots = self._slots[key]
+        if stats.waiting >= self.max_waiting:
+            raise Overloaded(f"{stats.waiting} requests already waiting on this node; retry later")
+        request_id = request.request_id or f"req_{uuid.uuid4().hex[:16]}"
+        parser = OutputParser(
+            ParserConfig(
+                stop=sampling.stop,
+                tool_call_start=FALLBACK_TOOL_START if fallback_tools else None,
+                tool_call_end=FALLBACK_TOOL_END if fallback_tools else None,
+                parse_tool_call=json_tool_call_parser if fallback_tools else None,
+            )
+        )
+        enqueued = time.perf_counter()
+        position = max(0, stats.running + stats.waiting - self._parallel[key] + 1)
+        stats.waiting += 1
+        stats.queued_prefill_tokens += len(ids)
+        self._on_change()
+        acquired = prefilled = False
+        try:
+            yield Started(
+                request_id=request_id,
+                model=server.spec.model_id,
+                prompt_tokens=len(ids),
+                queue_position=position,
+            )
+            await slots.acquire()
+            acquired = True
+            stats.waiting -= 1
+            stats.running += 1
+            started = time.perf_counter()
+            run = _Run(timings={})
+            reason = FinishReason.ERROR
+            try:
+                async for event in self._stream(server, endpoint, body, parser, run):
+                    if not prefilled:
+                        prefilled = True
+                        stats.queued_prefill_tokens -= len(ids)
+                    yield event
+                if parser.stopped or run.stop_word:
+                    reason = FinishReason.STOP_SEQUENCE
+                    for event in parser.finish():
+                        yield event
+                else:
+                    for event in parser.finish():
+                        yield event
+                    reason = _FINISH.get(run.finish or "stop", FinishReason.STOP)
+                    if parser.tool_calls:
+                        reason = FinishReason.TOOL_CALLS
+            except _StreamFailed as failed:
+                yield ErrorEvent(failed.code, failed.message)
+            usage = _usage(run, len(ids), started - enqueued)
+            if reason is not FinishReason.ERROR:
+                stats.observe(
+                    usage.prompt_tokens - usage.cached_prompt_tokens,
+                    usage.prompt_seconds,
+                    usage.completion_tokens,
+                    usage.generation_seconds,
+                )
+                stats.draft_tokens += usage.draft_tokens
+                stats.accepted_draft_tokens += usage.accepted_draft_tokens
+            yield Finish(
+                reason=reason, usage=usage, stop_sequence=parser.stop_sequence or run.stop_word
+            )
+        finally:
+            if acquired:
+                stats.running -= 1
+                slots.release()
+            else:
+                stats.waiting -= 1
+            if not prefilled:
+                stats.queued_prefill_tokens -= len(ids)
+            self._on_change()
+
+    async def _stream(
+        self,
+        server: LlamaServer,
+        endpoint: str,
+        body: dict[str, Any],
+        parser: OutputParser,
+        run: _Run,
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        """Events from one llama-server stream; raises _StreamFailed on failure."""
+        if server.client is None:
+            raise _StreamFailed("UNAVAILABLE", await _why_down(server, None))
+        calls: dict[int, dict[str, str]] = {}
+        try:
+            async with server.client.stream("POST", endpoint, json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    code = "INVALID_ARGUMENT" if r.status_code == 400 else "UNAVAILABLE"
+                    raise _StreamFailed(code, f"llama-server: {_error_message(r)}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise _StreamFailed("INTERNAL", f"llama-server: {_error_text(chunk)}")
+                    if isinstance(chunk.get("timings"), dict):
+                        run.timings = chunk["timings"]
+                    for ev in _chunk_events(chunk, parser, calls, run):
+                        yield ev
+                    if parser.stopped:
+                        return  # closing the stream cancels the rest on llama-server
+        except httpx.HTTPError as exc:
+            raise _StreamFailed("UNAVAILABLE", await _why_down(server, exc)) from None
+        for index in sorted(calls):
+            c = calls[index]
+            parser.tool_calls += 1
+            yield ToolCallEvent(ToolCall(c["id"] or new_call_id(), c["name"], c["args"] or "{}"))
+
+    # ---------- state ----------
+
+    def load_stats(self) -> list[ModelLoad]:
+        loaded = self.loaded()
+        return [
+            ModelLoad(
+                model=mid,
+                running=s.running,
+                waiting=s.waiting,
+                queued_prefill_tokens=max(0, s.queued_prefill_tokens),
+                prefill_tokens_per_second=s.prefill_tps,
+                decode_tokens_per_second=s.decode_tps,
+                draft_tokens=s.draft_tokens,
+                accepted_draft_tokens=s.accepted_draft_tokens,
+            )
+            for mid, s in self._stats.items()
+            if mid in loaded or s.running or s.waiting
+        ]
+
+    @property
+    def running(self) -> int:
+        return sum(s.running for s in self._stats.values())
+
+    @property
+    def waiting(self) -> int:
+        return sum(s.waiting for s in self._stats.values())
+
+    async def close(self, grace: float) -> None:
+        """Refuse new work, give in-flight streams `grace` s, then stop every server."""
+        self._closing = True
+        deadline = time.monotonic() + grace
+        while (self.running or self.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        servers, self._servers = list(self._servers.values()), {}
+        await asyncio.gather(*(s.stop() for s in servers))
+
+
+class _StreamFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _why_down(server: LlamaServer, exc: Exception | None) -> str:
+    """Word a lost stream: a crash (once the exit is seen) or the transport error."""
+    proc = server.proc
+    deadline = time.monotonic() + 3.0  # the exit status lags the broken socket a little
+    while time.monotonic() < deadline:
+        if server.crashed:
+            return f"{server.crashed} during generation; it is being restarted"
+        if proc is not None and proc.returncode is not None:
+            code = proc.returncode
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            return f"llama-server for {server.spec.label} died ({how}) during generation"
+        await asyncio.sleep(0.02)
+    return f"lost the stream from llama-server for {server.spec.label}: {exc or 'not running'}"
+
+
+def _chunk_events(
+    chunk: dict[str, Any], parser: OutputParser, calls: dict[int, dict[str, str]], run: _Run
+) -> list[GenerateEvent]:
+    """Events in one streamed chunk (chat or completion shape)."""
+    out: list[GenerateEvent] = []
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        run.usage_prompt = int(usage.get("prompt_tokens") or 0)
+        run.usage_completion = int(usage.get("completion_tokens") or 0)
+    if "choices" not in chunk:  # /completion
+        text = chunk.get("content") or ""
+        if text:
+            out.extend(parser.feed(text))
+        if chunk.get("stop"):
+            stop_type = chunk.get("stop_type")
+            run.finish = "length" if stop_type == "limit" else "stop"
+            if stop_type == "word":
+                run.stop_word = str(chunk.get("stopping_word") or "")
+            run.usage_prompt = int(chunk.get("tokens_evaluated") or 0)
+            run.usage_completion = int(chunk.get("tokens_predicted") or 0)
+        return out
+    for choice in chunk["choices"]:
+        delta = choice.get("delta") or {}
+        reasoning = delta.get("reasoning_content")
+        if reasoning:
+            out.append(ReasoningDelta(reasoning))
+        content = delta.get("content")
+        if content:
+            out.extend(parser.feed(content))
+        for tc in delta.get("tool_calls") or ():
+            c = calls.setdefault(int(tc.get("index", 0)), {"id": "", "name": "", "args": ""})
+            c["id"] = c["id"] or tc.get("id") or ""
+            fn = tc.get("function") or {}
+            c["name"] += fn.get("name") or ""
+            c["args"] += fn.get("arguments") or ""
+        if choice.get("finish_reason"):
+            run.finish = choice["finish_reason"]
+    return out
+
+
+def _usage(run: _Run, prompt_tokens: int, queue_s: float) -> Usage:
+    t = run.timings
+    cached = int(t.get("cache_n") or 0)
+    return Usage(
+        prompt_tokens=run.usage_prompt or prompt_tokens,
+        completion_tokens=run.usage_completion or int(t.get("predicted_n") or 0),
+        cached_prompt_tokens=cached,
+        prompt_seconds=float(t.get("prompt_ms") or 0.0) / 1000,
+        generation_seconds=float(t.get("predicted_ms") or 0.0) / 1000,
+        queue_seconds=max(0.0, queue_s),
+        draft_tokens=int(t.get("draft_n") or 0),
+        accepted_draft_tokens=int(t.get("draft_n_accepted") or 0),
+    )
+
+
+def _sampling_body(s: ResolvedSampling, *, chat: bool) -> dict[str, Any]:
+    """llama-server's sampling fields; its own defaults (top_k 40, min_p 0.05) never apply."""
+    body: dict[str, Any] = {
+        "stream": True,
+        "cache_prompt": True,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repetition_penalty,
+        "seed": s.seed if s.seed is not None else -1,
+    }
+    if chat:
+        body["max_tokens"] = s.max_tokens
+        body["stream_options"] = {"include_usage": True}
+        body["reasoning_format"] = "deepseek"  # thinking arrives as reasoning_content
+    else:
+        # /completion says which stop string ended it (the chat endpoint does not,
+        # so chats match stops here, in OutputParser).
+        body["n_predict"] = s.max_tokens
+        body["stop"] = list(s.stop)
+    return body
+
+
+_JSON_GBNF = r"""
+object ::= "{" space ( member ( space "," space member )* )? space "}"
+member ::= string space ":" space value
+value ::= object | array | string | number | "true" | "false" | "null"
+array ::= "[" space ( value ( space "," space value )* )? space "]"
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+space ::= [ \n]{0,2}
+"""
+
+
+def tool_call_grammar(names: list[str]) -> str:
+    """GBNF that forces one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+
+    For templates without tool support, where the tools are described in the
+    system prompt: llama.cpp's grammar makes "a call is required" hold.
+    """
+    alternatives = " | ".join(json.dumps(json.dumps(n)) for n in names)
+    return (
+        'root ::= "<tool_call>" space "{" space "\\"name\\"" space ":" space name space "," '
+        'space "\\"arguments\\"" space ":" space object space "}" space "</tool_call>"\n'
+        f"name ::= {alternatives}" + _JSON_GBNF
+    )
+
+
+def _wire_message(m: dict[str, Any]) -> dict[str, Any]:
+    """HF-template message -> OpenAI wire message (llama-server wants string arguments)."""
+    calls = m.get("tool_calls")
+    if not calls:
+        return m
+    out = dict(m)
+    out["tool_calls"] = [
+        {
+            **c,
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"]["arguments"]),
+            },
+        }
+        for c in calls
+    ]
+    return out
+
+
+def _error_text(data: Any) -> str:
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        if err:
+            return str(err)
+    return str(data)[:500]
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        return f"HTTP {r.status_code}: {_error_text(r.json())}"
+    except ValueError:
+        return f"HTTP {r.status_code}: {r.text[:500]}"
