@@ -60,6 +60,7 @@ proto: install
 bench: install
 	$(BIN)/python bench/node_decode.py
 	$(BIN)/python bench/coordinator_overhead.py --engine both
+	$(BIN)/python bench/gguf_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

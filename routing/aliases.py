@@ -24,7 +24,7 @@ import fnmatch
 import os
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.errors import InvalidRequest
@@ -203,7 +203,26 @@ def _resolved(name: str, t: Target, rule: str, tier: str | None = None) -> Resol
 
 
 def resolve(name: str, config: RoutingConfig, served: Collection[str] = ()) -> Resolution | None:
-    """Resolve `name` through the chain above; None when nothing matches."""
+    """Resolve `name` through the chain above; None when nothing matches.
+
+    A GGUF target named without its `.gguf` suffix (`"backend": "gguf"`, as
+    MLX Studio configs often write it) becomes the served `<name>.gguf`.
+    """
+    res = _resolve(name, config, served)
+    if res is None or res.backend != "gguf":
+        return res
+    model = _gguf_name(res.model, served)
+    draft = _gguf_name(res.draft_model, served) if res.draft_model else res.draft_model
+    return replace(res, model=model, draft_model=draft)
+
+
+def _gguf_name(model: str, served: Collection[str]) -> str:
+    if model in served or model.lower().endswith(".gguf"):
+        return model
+    return f"{model}.gguf" if f"{model}.gguf" in served else model
+
+
+def _resolve(name: str, config: RoutingConfig, served: Collection[str]) -> Resolution | None:
     exact = config.aliases.get(name)
     if exact is not None and not _is_pattern(name):
         return _resolved(name, exact, "alias")

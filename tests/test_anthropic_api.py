@@ -810,18 +810,15 @@ def test_non_stream_disconnect_cancels_generation(
 @model
 def test_models(coordinator: RunningCoordinator) -> None:
     listing = httpx.get(coordinator.base_url + "/anthropic/v1/models").json()
+    ids = [MODEL, "smollm2.gguf"]  # the embedded model, as MLX and as GGUF
     assert listing == {
         "data": [
-            {
-                "type": "model",
-                "id": MODEL,
-                "display_name": MODEL,
-                "created_at": "1970-01-01T00:00:00Z",
-            }
+            {"type": "model", "id": i, "display_name": i, "created_at": "1970-01-01T00:00:00Z"}
+            for i in ids
         ],
         "has_more": False,
-        "first_id": MODEL,
-        "last_id": MODEL,
+        "first_id": ids[0],
+        "last_id": ids[-1],
     }
     # GET /v1/models belongs to the OpenAI router, which answers Anthropic clients in kind.
     versioned = httpx.get(
@@ -832,7 +829,7 @@ def test_models(coordinator: RunningCoordinator) -> None:
     with anthropic.Anthropic(
         base_url=coordinator.base_url + "/anthropic", api_key="x", max_retries=0
     ) as c:
-        assert [m.id for m in c.models.list()] == [MODEL]
+        assert [m.id for m in c.models.list()] == ids
         assert c.models.retrieve(MODEL).display_name == MODEL
         with pytest.raises(anthropic.NotFoundError):
             c.models.retrieve("nope")

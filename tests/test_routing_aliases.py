@@ -159,3 +159,34 @@ def test_tier_max_tokens_cap() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_claude_routing({"tiers": {"haiku": {"model": "m", "max_tokens": 0}}})
     assert info.value.field == "tiers.haiku.max_tokens"
+
+
+def test_gguf_backend_finds_the_served_file_name() -> None:
+    config = RoutingConfig(
+        aliases=parse_aliases(
+            {
+                "qwen": {
+                    "model": "Qwen2.5-7B-Q4_K_M",
+                    "backend": "gguf",
+                    "draft_model": "Qwen-0.5B",
+                },
+                "path": "/models/Qwen2.5-7B-Q4_K_M.gguf",
+                "mlx": {"model": "Qwen2.5-7B-Q4_K_M", "backend": "mlx"},
+            }
+        )
+    )
+    served = {"Qwen2.5-7B-Q4_K_M.gguf", "Qwen-0.5B.gguf"}
+    res = resolve("qwen", config, served)
+    assert res is not None
+    assert (res.model, res.backend, res.draft_model) == (
+        "Qwen2.5-7B-Q4_K_M.gguf",
+        "gguf",
+        "Qwen-0.5B.gguf",
+    )
+    by_path = resolve("path", config, served)
+    assert by_path is not None and (by_path.model, by_path.backend) == (
+        "Qwen2.5-7B-Q4_K_M.gguf",
+        "gguf",
+    )
+    mlx = resolve("mlx", config, served)  # an explicit MLX backend keeps the name as is
+    assert mlx is not None and mlx.model == "Qwen2.5-7B-Q4_K_M"
