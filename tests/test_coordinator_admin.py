@@ -26,7 +26,7 @@ def test_nodes_and_models(coordinator: RunningCoordinator, node: RunningNode) ->
     assert n["online"] and n["address"] == node.target
     assert node.server.core is not None and n["id"] == node.server.core.node_id
     assert n["memory"]["total_bytes"] > 0
-    assert [m["id"] for m in n["models"]] == ["smollm2"]
+    assert [m["id"] for m in n["models"]] == ["smollm2", "smollm2.gguf"]
     models = httpx.get(coordinator.base_url + "/api/models").json()["models"]
     assert models[0]["id"] == "smollm2" and models[0]["context_length"] == 8192
     assert models[0]["nodes"][0]["id"] == n["id"]
