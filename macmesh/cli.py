@@ -67,7 +67,11 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (0 = any free port)"
     )
-    p.add_argument("--models-dir", type=Path, help="MLX model dirs (default $MACMESH_HOME/models)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="MLX model dirs and GGUF files (default $MACMESH_HOME/models)",
+    )
     p.add_argument(
         "--no-hf-cache", action="store_true", help="do not offer models from the HF cache"
     )
@@ -89,6 +93,13 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         "--max-waiting", type=int, default=256, help="queued generations before refusing"
     )
     p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        metavar="N",
+        help="tokens a draft model proposes per round in speculative decoding "
+        "(default $MACMESH_NUM_DRAFT_TOKENS, else 3)",
+    )
+    p.add_argument(
         "--sim-model",
         action="append",
         default=[],
@@ -106,6 +117,8 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
+    if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
+        raise SystemExit("--num-draft-tokens must be >= 1")
     try:
         sims = tuple(SimModelSpec.parse(s) for s in args.sim_model)
     except ValueError as exc:
@@ -119,6 +132,7 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         hf_cache_dir=args.hf_cache_dir,
         max_running=args.max_running,
         max_waiting=args.max_waiting,
+        num_draft_tokens=args.num_draft_tokens,
         preload=tuple(dict.fromkeys([*preload, *args.preload])),
         shutdown_grace=args.shutdown_grace,
         sampling=SamplingDefaults(),

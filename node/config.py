@@ -67,6 +67,9 @@ class NodeConfig:
     max_running: int = 4
     # Waiting generations beyond this are refused (RESOURCE_EXHAUSTED).
     max_waiting: int = 256
+    # Speculative decoding: tokens a draft model proposes per round.
+    # None: `$MACMESH_NUM_DRAFT_TOKENS`, else 3 (node.backends.mlx).
+    num_draft_tokens: int | None = None
     # Models to load at start (ids from the catalog).
     preload: tuple[str, ...] = ()
     # Seconds in-flight streams get to finish on SIGTERM/SIGINT.

@@ -79,6 +79,7 @@ class NodeCore:
             defaults=config.sampling,
             max_running=config.max_running,
             max_waiting=config.max_waiting,
+            num_draft_tokens=config.num_draft_tokens,
         )
         self.sim = (
             SimBackend(config.sim_models, defaults=config.sampling) if config.sim_models else None

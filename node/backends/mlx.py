@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -36,13 +37,86 @@ from node.backends.chat_template import (
     build_template_input,
     template_supports_tools,
 )
-from node.backends.mlx_engine import Engine, GenJob, ModelStats
+from node.backends.mlx_engine import Engine, GenJob
 from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
+from node.backends.stats import ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog, CatalogEntry
 from node.sampling import resolve_sampling
 
 log = logging.getLogger(__name__)
+
+# Tokens a draft proposes per round when nothing else says (mlx-lm's server default).
+DEFAULT_NUM_DRAFT_TOKENS = 3
+NUM_DRAFT_TOKENS_ENV = "MACMESH_NUM_DRAFT_TOKENS"
+
+
+def resolve_num_draft_tokens(value: int | None = None) -> int:
+    """`value`, else `$MACMESH_NUM_DRAFT_TOKENS`, else 3; must be >= 1."""
+    source = "num_draft_tokens"
+    if value is None:
+        raw = os.environ.get(NUM_DRAFT_TOKENS_ENV, "").strip()
+        if not raw:
+            return DEFAULT_NUM_DRAFT_TOKENS
+        source = NUM_DRAFT_TOKENS_ENV
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{source}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{source} must be >= 1, got {value}")
+    return value
+
+
+def check_draft_tokenizer(target_id: str, target_tok: Any, draft_id: str, draft_tok: Any) -> None:
+    """Raise InvalidRequest unless both tokenizers map the same tokens to the same ids.
+
+    The draft proposes token ids that the target checks as its own, so a draft
+    with another vocabulary would be wrong, not just slow. (Embedding tables
+    padded to different sizes are fine: only the tokenizers are compared.)
+    """
+    if target_tok is draft_tok:
+        return
+    why = ""
+    n_target, n_draft = len(target_tok), len(draft_tok)
+    if n_target != n_draft:
+        why = f"vocabulary sizes differ ({n_target} vs {n_draft} tokens)"
+    else:
+        t_vocab: dict[str, int] = target_tok.get_vocab()
+        d_vocab: dict[str, int] = draft_tok.get_vocab()
+        if t_vocab != d_vocab:
+            differ = sum(1 for k, v in t_vocab.items() if d_vocab.get(k) != v) or "some"
+            why = f"same vocabulary size ({n_target}) but {differ} tokens map to other ids"
+    if why:
+        raise InvalidRequest(
+            f"draft model {draft_id!r} cannot draft for {target_id!r}: their tokenizers "
+            f"differ: {why}",
+            field="draft_model",
+        )
+
+
+def check_speculative_cache(model_id: str, model: Any, role: str) -> None:
+    """Raise InvalidRequest if mlx-lm's speculative step cannot use `model`'s cache.
+
+    Rejected drafts are undone by trimming the KV caches, which sliding-window
+    and recurrent caches cannot do; mlx-lm also splits the combined cache list
+    at `len(model.layers)`. Runs on the engine thread (it builds a cache).
+    """
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    layers = getattr(model, "layers", None)
+    if not can_trim_prompt_cache(cache):
+        kinds = sorted({type(c).__name__ for c in cache if not c.is_trimmable()})
+        why = f"its KV cache ({', '.join(kinds)}) cannot be rewound"
+    elif layers is None or len(cache) != len(layers):
+        why = "its cache does not have one entry per layer"
+    else:
+        return
+    raise InvalidRequest(
+        f"{role} model {model_id!r} cannot be used for speculative decoding: {why}",
+        field="draft_model",
+    )
 
 
 @dataclass
@@ -123,12 +197,17 @@ class MLXBackend:
         defaults: SamplingDefaults,
         max_running: int = 4,
         max_waiting: int = 256,
+        num_draft_tokens: int | None = None,
     ) -> None:
         self.catalog = catalog
         self.defaults = defaults
+        # Speculative decoding: tokens a draft proposes per round (None: env/default).
+        self.num_draft_tokens = resolve_num_draft_tokens(num_draft_tokens)
         self._engine = Engine(max_running=max_running, max_waiting=max_waiting)
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
+        # (target, draft) pairs already checked compatible; dropped on unload.
+        self._draft_ok: set[tuple[str, str]] = set()
         self._closing = False
 
     # ---------- models ----------
@@ -165,6 +244,7 @@ class MLXBackend:
         lm = self._models.pop(model_id, None)
         if lm is None:
             return False
+        self._draft_ok = {pair for pair in self._draft_ok if model_id not in pair}
         del lm
         await self._engine.call(_unload_on_engine)
         return True
@@ -177,6 +257,34 @@ class MLXBackend:
             if lm is None:  # unloaded in between
                 raise ModelNotFound(model_id, self.catalog.entries())
         return lm
+
+    async def _draft(self, lm: LoadedModel, draft_id: str) -> LoadedModel:
+        """The draft model for target `lm`, loaded and checked compatible.
+
+        Loaded like any model (it stays loaded and is listed); an unknown id is
+        ModelNotFound, a non-MLX or incompatible one InvalidRequest.
+        """
+        if draft_id not in self._models:
+            entry = await asyncio.to_thread(self.catalog.get, draft_id)
+            if entry.backend != "mlx":
+                raise InvalidRequest(
+                    f"draft model {draft_id!r} is a {entry.backend} model; "
+                    f"the MLX model {lm.entry.id!r} needs an MLX draft",
+                    field="draft_model",
+                )
+        draft = await self._model(draft_id)
+        pair = (lm.entry.id, draft.entry.id)
+        if pair not in self._draft_ok:
+
+            def check() -> None:
+                check_speculative_cache(lm.entry.id, lm.model, "target")
+                if draft is not lm:
+                    check_speculative_cache(draft.entry.id, draft.model, "draft")
+                check_draft_tokenizer(lm.entry.id, lm.tokenizer, draft.entry.id, draft.tokenizer)
+
+            await self._engine.call(check)
+            self._draft_ok.add(pair)
+        return draft
 
     # ---------- prompts ----------
 
@@ -270,6 +378,7 @@ class MLXBackend:
             raise Unavailable("the node is shutting down")
         sampling = resolve_sampling(request.sampling, self.defaults)
         lm = await self._model(request.model)
+        draft = await self._draft(lm, request.draft_model) if request.draft_model else None
         prompt = request.prompt
         if isinstance(prompt, ChatPrompt):
             ids = await asyncio.to_thread(self._render_sync, lm, prompt)
@@ -306,6 +415,9 @@ class MLXBackend:
             parser_config=self._parser_config(lm, ids, request.all_tools, sampling.stop),
             stats=lm.stats,
             loop=asyncio.get_running_loop(),
+            draft_model=draft.model if draft is not None else None,
+            draft_model_id=draft.entry.id if draft is not None else "",
+            num_draft_tokens=self.num_draft_tokens if draft is not None else 0,
         )
         position = self._engine.submit(job)
         try:
@@ -334,6 +446,8 @@ class MLXBackend:
                 queued_prefill_tokens=max(0, lm.stats.queued_prefill_tokens),
                 prefill_tokens_per_second=lm.stats.prefill_tps,
                 decode_tokens_per_second=lm.stats.decode_tps,
+                draft_tokens=lm.stats.draft_tokens,
+                accepted_draft_tokens=lm.stats.accepted_draft_tokens,
             )
             for mid, lm in self._models.items()
         ]

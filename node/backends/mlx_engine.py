@@ -6,6 +6,12 @@ one token each per turn, so concurrent streams all make progress; each request
 brings its own asyncio queue, and events travel back through
 `loop.call_soon_threadsafe`. Cancellation is a flag checked before every step
 and between prefill chunks, so a cancelled call stops within a token or two.
+
+Speculative decoding (a job with a `draft_model`) goes through mlx-lm's own
+`speculative_generate_step` via `stream_generate(draft_model=...)`; see
+`_speculative_stream` for what the engine adds around it (an abortable prefill,
+the prompt as repetition-penalty context) and `_count_draft` for how the
+draft counters are kept.
 """
 
 from __future__ import annotations
@@ -23,39 +29,21 @@ from typing import Any
 
 from mesh.types import ErrorEvent, Finish, FinishReason, GenerateEvent, Usage
 from node.backends.outparse import OutputParser, ParserConfig
+from node.backends.stats import ModelStats
 from node.sampling import ResolvedSampling
 
 log = logging.getLogger(__name__)
 
-# Smoothing of the measured prefill/decode rates reported to coordinators.
-_EMA = 0.3
+# Tokens the repetition penalty looks back on (mlx-lm's default, made explicit
+# because the speculative path has to hand the same window over itself).
+_REPETITION_CONTEXT = 20
+# Prompt chunk size of the speculative prefill (mlx-lm's own default for it:
+# two models' activations are live at once).
+_SPECULATIVE_PREFILL_STEP = 512
 
 
 class _Aborted(Exception):
-    """Raised inside prefill (from the progress callback) to abandon a request."""
-
-
-@dataclass
-class ModelStats:
-    """Per-model load and measured speed; written by the engine thread only."""
-
-    running: int = 0
-    waiting: int = 0
-    queued_prefill_tokens: int = 0
-    prefill_tps: float = 0.0
-    decode_tps: float = 0.0
-
-    def observe(self, prompt_tokens: int, prompt_s: float, gen_tokens: int, gen_s: float) -> None:
-        if prompt_tokens > 0 and prompt_s > 0:
-            rate = prompt_tokens / prompt_s
-            self.prefill_tps = (
-                rate if not self.prefill_tps else _EMA * rate + (1 - _EMA) * (self.prefill_tps)
-            )
-        if gen_tokens > 1 and gen_s > 0:
-            rate = (gen_tokens - 1) / gen_s
-            self.decode_tps = (
-                rate if not self.decode_tps else _EMA * rate + (1 - _EMA) * (self.decode_tps)
-            )
+    """Raised inside prefill (progress callback, speculative prefill) to abandon a request."""
 
 
 @dataclass
@@ -71,6 +59,11 @@ class GenJob:
     parser_config: ParserConfig
     stats: ModelStats
     loop: asyncio.AbstractEventLoop
+    # Speculative decoding: the draft model (shares the tokenizer) and how many
+    # tokens it proposes per round; None = plain decoding.
+    draft_model: Any = None
+    draft_model_id: str = ""
+    num_draft_tokens: int = 0
     events: asyncio.Queue[GenerateEvent] = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.perf_counter)
     # Set from the event loop; read by the engine thread (a plain bool is
@@ -83,6 +76,11 @@ class GenJob:
     _tokens: int = 0
     _started_at: float = 0.0
     _first_at: float = 0.0
+    # Speculative bookkeeping (see `_count_draft`).
+    _draft_tokens: int = 0
+    _accepted_draft_tokens: int = 0
+    _spec_seen: int = 0  # tokens the speculative generator has produced
+    _round_open: bool = False
 
 
 def _make_sampler(s: ResolvedSampling) -> Callable[[Any], Any]:
@@ -107,6 +105,98 @@ def _make_sampler(s: ResolvedSampling) -> Callable[[Any], Any]:
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
     return sample
+
+
+def _with_prompt_context(
+    processors: list[Callable[[Any, Any], Any]], prompt_ids: list[int]
+) -> list[Callable[[Any, Any], Any]]:
+    """The processors, each seeing the prompt's tail before the tokens it is given.
+
+    mlx-lm's speculative step only tracks the tokens it feeds the model after
+    its prefill (the last prompt token onwards), while `generate_step` tracks
+    the whole prompt; prepending the prompt's tail makes the repetition
+    penalty see the same window on both paths, so greedy output matches.
+    """
+    import mlx.core as mx
+
+    head = mx.array(prompt_ids[:-1][-_REPETITION_CONTEXT:], dtype=mx.uint32)
+
+    def wrap(proc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        return lambda tokens, logits: proc(mx.concatenate([head, tokens]), logits)
+
+    return [wrap(p) for p in processors]
+
+
+def _speculative_stream(
+    job: GenJob, sampler: Callable[[Any], Any], processors: list[Callable[[Any, Any], Any]] | None
+) -> Iterator[Any]:
+    """`stream_generate` with the draft, after a prefill that can be abandoned.
+
+    mlx-lm's speculative path drops `prompt_progress_callback`, so a cancelled
+    request could not stop during a long prefill. Instead the engine prefills
+    both models' caches itself (all but the last prompt token, in chunks,
+    checking the cancel flag between them) and hands mlx-lm the last token
+    plus the filled caches, exactly as mlx-lm's own prefill would leave them
+    (its server passes the two caches concatenated the same way).
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream, stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model_cache = make_prompt_cache(job.model)
+    draft_cache = make_prompt_cache(job.draft_model)
+    prompt = mx.array(job.prompt_ids, dtype=mx.uint32)
+    head = len(job.prompt_ids) - 1
+    with mx.stream(generation_stream):
+        for start in range(0, head, _SPECULATIVE_PREFILL_STEP):
+            if job.cancelled:
+                raise _Aborted
+            chunk = prompt[start : min(start + _SPECULATIVE_PREFILL_STEP, head)][None]
+            job.model(chunk, cache=model_cache)
+            job.draft_model(chunk, cache=draft_cache)
+            mx.eval([c.state for c in model_cache] + [c.state for c in draft_cache])
+            mx.clear_cache()
+    if job.cancelled:
+        raise _Aborted
+    if processors:
+        processors = _with_prompt_context(processors, job.prompt_ids)
+    yield from stream_generate(
+        job.model,
+        job.tokenizer,
+        prompt[head:],
+        max_tokens=job.sampling.max_tokens,
+        draft_model=job.draft_model,
+        num_draft_tokens=job.num_draft_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=model_cache + draft_cache,
+    )
+
+
+def _count_draft(job: GenJob, resp: Any, completion: bool) -> None:
+    """Update the job's draft counters for one response of the speculative stream.
+
+    mlx-lm's `speculative_generate_step` works in rounds: the draft proposes
+    `min(num_draft_tokens, max_tokens - tokens so far)` tokens, the target
+    checks them in one pass, then the step yields the accepted prefix
+    (`from_draft=True`) and one token of the target's own (`from_draft=False`),
+    unless `max_tokens` ends the round first. `stream_generate` turns every
+    token into exactly one response (an EOS into the final one). So a round
+    starts at the first response and after each `from_draft=False` one, and
+    what it proposed is known there: `draft_tokens` counts every proposal made,
+    also those of a round cut short by a stop sequence or a cancel.
+    `accepted_draft_tokens` counts the draft's tokens among the completion
+    tokens (an EOS is not one), so it never exceeds `completion_tokens`.
+    """
+    if not job._round_open:
+        left = job.sampling.max_tokens - job._spec_seen
+        job._draft_tokens += max(0, min(job.num_draft_tokens, left))
+        job._round_open = True
+    job._spec_seen += 1
+    if not resp.from_draft:
+        job._round_open = False
+    elif completion:
+        job._accepted_draft_tokens += 1
 
 
 class Engine:
@@ -223,9 +313,22 @@ class Engine:
 
         processors = None
         if job.sampling.repetition_penalty != 1.0:
-            processors = make_logits_processors(repetition_penalty=job.sampling.repetition_penalty)
+            processors = make_logits_processors(
+                repetition_penalty=job.sampling.repetition_penalty,
+                repetition_context_size=_REPETITION_CONTEXT,
+            )
         job._parser = OutputParser(job.parser_config)
         job._started_at = time.perf_counter()
+        if job.draft_model is not None:
+            log.debug(
+                "%s: %s drafted by %s, %d tokens a round",
+                job.request_id,
+                job.model_id,
+                job.draft_model_id,
+                job.num_draft_tokens,
+            )
+            job._gen = _speculative_stream(job, _make_sampler(job.sampling), processors)
+            return
         job._gen = stream_generate(
             job.model,
             job.tokenizer,
@@ -263,9 +366,12 @@ class Engine:
             with self._lock:
                 job.stats.queued_prefill_tokens -= len(job.prompt_ids)
         reason = resp.finish_reason
-        if reason is None or reason == "length":
+        completion = reason is None or reason == "length"
+        if completion:
             job._tokens += 1
             self.tokens_generated += 1
+        if job.draft_model is not None:
+            _count_draft(job, resp, completion)
         self._flush(job, parser.feed(resp.text))
         if parser.stopped:
             self._end(job, FinishReason.STOP_SEQUENCE, parser.stop_sequence)
@@ -296,7 +402,12 @@ class Engine:
             prompt_seconds=prompt_s,
             generation_seconds=gen_s,
             queue_seconds=started - job.enqueued_at,
+            draft_tokens=job._draft_tokens,
+            accepted_draft_tokens=job._accepted_draft_tokens,
         )
+        # Draft work counts whatever the outcome: it was done.
+        job.stats.draft_tokens += job._draft_tokens
+        job.stats.accepted_draft_tokens += job._accepted_draft_tokens
         with self._lock:
             if job in self._active:
                 self._active.remove(job)
