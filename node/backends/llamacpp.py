@@ -19,6 +19,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,12 +65,16 @@ from node.backends.llamacpp_server import (
     reap_orphans,
 )
 from node.backends.outparse import OutputParser, ParserConfig, json_tool_call_parser, new_call_id
+from node.backends.sse import SSEError, post_json, post_sse
 from node.backends.stats import ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
 from node.sampling import ResolvedSampling, resolve_sampling
 
 log = logging.getLogger(__name__)
+
+# Recent chat renders remembered (see _render_ids).
+_RENDER_MEMO = 64
 
 _FINISH = {
     "stop": FinishReason.STOP,
@@ -113,6 +118,7 @@ class LlamaCppBackend:
         self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._parallel: dict[tuple[str, str], int] = {}
         self._stats: dict[str, ModelStats] = {}
+        self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
         self._closing = False
         reaped = reap_orphans(home / "run")
         if reaped:
@@ -175,6 +181,9 @@ class LlamaCppBackend:
     ) -> LlamaServer:
         if self._closing:
             raise Unavailable("the node is shutting down")
+        known = self._servers.get((model_id, draft))
+        if known is not None and known.healthy:
+            return known  # the request path: no config read, no catalog lookup
         server = self._server(model_id, draft)
         if server.healthy:
             return server
@@ -237,17 +246,18 @@ class LlamaCppBackend:
 
     @staticmethod
     async def _post(server: LlamaServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if server.client is None:
+        if not server.healthy:
             raise Unavailable(server.crashed or f"llama-server for {server.spec.label} is down")
         try:
-            r = await server.client.post(path, json=body, timeout=60.0)
-        except httpx.HTTPError as exc:
+            status, data = await post_json("127.0.0.1", server.port, path, body)
+        except SSEError as exc:
             raise Unavailable(f"llama-server for {server.spec.label}: {exc}") from None
-        if r.status_code == 400:
-            raise InvalidRequest(_error_message(r))
-        if r.status_code != 200:
-            raise Unavailable(f"llama-server for {server.spec.label}: {_error_message(r)}")
-        data = r.json()
+        if status == 400:
+            raise InvalidRequest(f"llama-server: {_error_text(data)}")
+        if status != 200:
+            raise Unavailable(
+                f"llama-server for {server.spec.label}: HTTP {status}: {_error_text(data)}"
+            )
         return data if isinstance(data, dict) else {}
 
     @staticmethod
@@ -272,8 +282,18 @@ class LlamaCppBackend:
 
     async def _render_ids(self, server: LlamaServer, chat: ChatPrompt) -> tuple[list[int], str]:
         body, _ = self._chat_body(server, chat)
+        # A coordinator renders (RenderPrompt) right before it generates the same chat:
+        # remembering the result spares llama-server the second count.
+        key = (server.spec.key, server.started_at, json.dumps(body, sort_keys=True))
+        hit = self._renders.get(key)
+        if hit is not None:
+            self._renders.move_to_end(key)
+            return hit
         prompt = (await self._post(server, "/apply-template", body)).get("prompt", "")
         ids = await self._tokenize(server, str(prompt), True)
+        self._renders[key] = (ids, str(prompt))
+        while len(self._renders) > _RENDER_MEMO:
+            self._renders.popitem(last=False)
         return ids, str(prompt)
 
     async def _tokenize(self, server: LlamaServer, text: str, add_special: bool) -> list[int]:
@@ -302,39 +322,46 @@ class LlamaCppBackend:
     # ---------- generation ----------
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
-        """Render and count, queue for a slot, then stream llama-server's output."""
+        """Count, queue for a slot, then stream llama-server's output.
+
+        A chat's count (`/apply-template` + `/tokenize`) runs while llama-server
+        already prefills it when a slot is free, so it costs no time to first
+        token; `Started` (which carries the count) still comes first.
+        """
         sampling = resolve_sampling(request.sampling, self.defaults)
         server = await self._ready(request.model, request.draft_model)
         assert server.info is not None
+        n_ctx = server.info.n_ctx
         prompt = request.prompt
-        tools = request.all_tools
-        endpoint, body, fallback_tools = "/completion", dict[str, Any](), bool(tools)
+        count: asyncio.Task[tuple[list[int], str]] | None = None
+        fallback_tools = bool(request.all_tools)
         if isinstance(prompt, ChatPrompt):
             endpoint = "/v1/chat/completions"
             body, fallback_tools = self._chat_body(server, prompt)
-            ids, _ = await self._render_ids(server, prompt)
-        elif isinstance(prompt, TextPrompt):
-            if not prompt.text:
-                raise InvalidRequest("must not be empty", field="text")
-            ids = await self._tokenize(server, prompt.text, True)
-            body = {"prompt": ids}
+            count = asyncio.create_task(self._render_ids(server, prompt))
+            ids: list[int] = []
         else:
-            ids = list(prompt.ids)
+            endpoint = "/completion"
+            if isinstance(prompt, TextPrompt):
+                if not prompt.text:
+                    raise InvalidRequest("must not be empty", field="text")
+                ids = await self._tokenize(server, prompt.text, True)
+            else:
+                ids = list(prompt.ids)
             body = {"prompt": ids}
-        if not ids:
-            raise InvalidRequest("the prompt is empty", field="input")
-        n_ctx = server.info.n_ctx
-        if n_ctx and len(ids) >= n_ctx:
-            raise PromptTooLong(len(ids), n_ctx)
+            self._check_length(ids, n_ctx)
         if n_ctx:
-            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, n_ctx - len(ids)))
-        body.update(_sampling_body(sampling, chat=endpoint != "/completion"))
+            # Chats are counted in parallel: llama-server stops at the end of the context.
+            room = n_ctx - len(ids) if ids else n_ctx
+            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
+        body.update(_sampling_body(sampling, chat=count is not None))
         key = server.spec.key
         stats = self._stats.setdefault(server.spec.model_id, ModelStats())
         slots = self._slots[key]
         if stats.waiting >= self.max_waiting:
+            if count is not None:
+                count.cancel()
             raise Overloaded(f"{stats.waiting} requests already waiting on this node; retry later")
-        request_id = request.request_id or f"req_{uuid.uuid4().hex[:16]}"
         parser = OutputParser(
             ParserConfig(
                 stop=sampling.stop,
@@ -343,44 +370,60 @@ class LlamaCppBackend:
                 parse_tool_call=json_tool_call_parser if fallback_tools else None,
             )
         )
-        enqueued = time.perf_counter()
+        run = _Run(timings={})
+        events: asyncio.Queue[GenerateEvent | _StreamFailed | None] = asyncio.Queue()
+        producer: asyncio.Task[None] | None = None
+        enqueued = started = time.perf_counter()
         position = max(0, stats.running + stats.waiting - self._parallel[key] + 1)
         stats.waiting += 1
-        stats.queued_prefill_tokens += len(ids)
-        self._on_change()
-        acquired = prefilled = False
+        acquired = queued = prefilled = running = False
         try:
+            if not slots.locked():  # a free slot: start generating while counting
+                await slots.acquire()
+                acquired = True
+                producer = asyncio.create_task(
+                    self._produce(server, endpoint, body, parser, run, events)
+                )
+            if count is not None:
+                ids = (await count)[0]
+                self._check_length(ids, n_ctx)
+            stats.queued_prefill_tokens += len(ids)
+            queued = True
+            self._on_change()
             yield Started(
-                request_id=request_id,
+                request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",
                 model=server.spec.model_id,
                 prompt_tokens=len(ids),
-                queue_position=position,
+                queue_position=0 if acquired else position,
             )
-            await slots.acquire()
-            acquired = True
+            if not acquired:
+                await slots.acquire()
+                acquired = True
+                started = time.perf_counter()
+                producer = asyncio.create_task(
+                    self._produce(server, endpoint, body, parser, run, events)
+                )
             stats.waiting -= 1
             stats.running += 1
-            started = time.perf_counter()
-            run = _Run(timings={})
+            running = True
             reason = FinishReason.ERROR
-            try:
-                async for event in self._stream(server, endpoint, body, parser, run):
-                    if not prefilled:
-                        prefilled = True
-                        stats.queued_prefill_tokens -= len(ids)
+            while (item := await events.get()) is not None:
+                if isinstance(item, _StreamFailed):
+                    yield ErrorEvent(item.code, item.message)
+                    break
+                if not prefilled:
+                    prefilled = True
+                    stats.queued_prefill_tokens -= len(ids)
+                yield item
+            else:
+                for event in parser.finish():
                     yield event
                 if parser.stopped or run.stop_word:
                     reason = FinishReason.STOP_SEQUENCE
-                    for event in parser.finish():
-                        yield event
                 else:
-                    for event in parser.finish():
-                        yield event
                     reason = _FINISH.get(run.finish or "stop", FinishReason.STOP)
                     if parser.tool_calls:
                         reason = FinishReason.TOOL_CALLS
-            except _StreamFailed as failed:
-                yield ErrorEvent(failed.code, failed.message)
             usage = _usage(run, len(ids), started - enqueued)
             if reason is not FinishReason.ERROR:
                 stats.observe(
@@ -395,14 +438,46 @@ class LlamaCppBackend:
                 reason=reason, usage=usage, stop_sequence=parser.stop_sequence or run.stop_word
             )
         finally:
+            # Closing the HTTP stream (cancelling the producer) stops llama-server's work.
+            for task in (producer, count):
+                if task is not None and not task.done():
+                    task.cancel()
+            if producer is not None:
+                await asyncio.gather(producer, return_exceptions=True)
             if acquired:
-                stats.running -= 1
                 slots.release()
+            if running:
+                stats.running -= 1
             else:
                 stats.waiting -= 1
-            if not prefilled:
+            if queued and not prefilled:
                 stats.queued_prefill_tokens -= len(ids)
             self._on_change()
+
+    @staticmethod
+    def _check_length(ids: list[int], n_ctx: int) -> None:
+        if not ids:
+            raise InvalidRequest("the prompt is empty", field="input")
+        if n_ctx and len(ids) >= n_ctx:
+            raise PromptTooLong(len(ids), n_ctx)
+
+    async def _produce(
+        self,
+        server: LlamaServer,
+        endpoint: str,
+        body: dict[str, Any],
+        parser: OutputParser,
+        run: _Run,
+        out: asyncio.Queue[GenerateEvent | _StreamFailed | None],
+    ) -> None:
+        """Feed `out` from one stream: events, then None, or the failure."""
+        try:
+            async for event in self._stream(server, endpoint, body, parser, run):
+                out.put_nowait(event)
+        except _StreamFailed as failed:
+            out.put_nowait(failed)
+        else:
+            out.put_nowait(None)
 
     async def _stream(
         self,
@@ -416,29 +491,28 @@ class LlamaCppBackend:
         if server.client is None:
             raise _StreamFailed("UNAVAILABLE", await _why_down(server, None))
         calls: dict[int, dict[str, str]] = {}
+        events = post_sse("127.0.0.1", server.port, endpoint, body)
         try:
-            async with server.client.stream("POST", endpoint, json=body) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    code = "INVALID_ARGUMENT" if r.status_code == 400 else "UNAVAILABLE"
-                    raise _StreamFailed(code, f"llama-server: {_error_message(r)}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise _StreamFailed("INTERNAL", f"llama-server: {_error_text(chunk)}")
-                    if isinstance(chunk.get("timings"), dict):
-                        run.timings = chunk["timings"]
-                    for ev in _chunk_events(chunk, parser, calls, run):
-                        yield ev
-                    if parser.stopped:
-                        return  # closing the stream cancels the rest on llama-server
-        except httpx.HTTPError as exc:
+            async for data in events:
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise _StreamFailed("INTERNAL", f"llama-server: {_error_text(chunk)}")
+                if isinstance(chunk.get("timings"), dict):
+                    run.timings = chunk["timings"]
+                for ev in _chunk_events(chunk, parser, calls, run):
+                    yield ev
+                if parser.stopped:
+                    return  # closing the stream cancels the rest on llama-server
+        except SSEError as exc:
+            if exc.status:
+                code = "INVALID_ARGUMENT" if exc.status == 400 else "UNAVAILABLE"
+                detail = _error_text(_json_or_text(exc.body))
+                raise _StreamFailed(code, f"llama-server: HTTP {exc.status}: {detail}") from None
             raise _StreamFailed("UNAVAILABLE", await _why_down(server, exc)) from None
+        finally:
+            await events.aclose()
         for index in sorted(calls):
             c = calls[index]
             parser.tool_calls += 1
@@ -634,6 +708,13 @@ def _error_text(data: Any) -> str:
         if err:
             return str(err)
     return str(data)[:500]
+
+
+def _json_or_text(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
 
 
 def _error_message(r: httpx.Response) -> str:

@@ -428,6 +428,11 @@ class LlamaServer:
                 self.on_change()
                 return
             last_error = error
+            died_by_signal = self.proc is not None and (self.proc.returncode or 0) < 0
+            if died_by_signal:
+                # Seen rarely here: a segfault during start-up that does not recur.
+                log.warning("%s; trying once more", error.splitlines()[0])
+                continue
             if "bind" not in error and "address already in use" not in error.lower():
                 break  # not a port problem: another port will not help
         raise LlamaServerError(last_error)
@@ -457,10 +462,13 @@ class LlamaServer:
         self.port = port
         self._stopping = False
         self._write_pidfile(binary)
+        # No keep-alive: llama-server (cpp-httplib) closes idle connections on its own
+        # schedule, and a reused one that it just closed fails the request. A fresh
+        # loopback connection costs well under a millisecond.
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_keepalive_connections=32, max_connections=256),
+            limits=httpx.Limits(max_keepalive_connections=0, max_connections=256),
         )
         deadline = t0 + settings.startup_timeout
         while True:
