@@ -167,3 +167,19 @@ def coordinator(
     running = start_coordinator(CoordinatorConfig(home=home, peers=(node.target,)))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """llama-server, found as users find it. Part of the dev install on Linux (a failure
+    there is a broken install); elsewhere it comes from `brew install llama.cpp`."""
+    import sys
+
+    from node.backends.llamacpp_server import LlamaServerError, find_llama_server
+
+    try:
+        return find_llama_server(None)
+    except LlamaServerError as exc:
+        if sys.platform.startswith("linux"):
+            pytest.fail(f"{exc.message} (run `make install`)")
+        pytest.skip(f"no llama-server: {exc.message}")

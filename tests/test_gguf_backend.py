@@ -44,7 +44,7 @@ from node.config import NodeConfig
 from node.models.default import DEFAULT_GGUF_ID
 from tests.conftest import RunningNode, start_node
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("llama_server_binary")]
 
 GGUF = DEFAULT_GGUF_ID
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -232,11 +232,17 @@ async def test_burst_of_first_requests_starts_one_server(models_dir: Path, tmp_p
         async with NodeClient(running.target, timeout=120) as c:
             req = GenerateRequest(model=GGUF, prompt=PARIS, sampling=GREEDY)
             results = await asyncio.gather(*(collect(c, req) for _ in range(5)))
-        assert all("Paris" in text_of(r) for r in results)
-        started = [p for p in _llama_servers() if p.pid not in before]
-        assert len(started) == 1, started
-        log = next((tmp_path / "home" / "logs").glob("llama-server-*.log")).read_text()
-        assert log.count("macmesh starts:") == 1
+            assert all("Paris" in text_of(r) for r in results)
+            started = [p for p in _llama_servers() if p.pid not in before]
+            assert len(started) == 1, started
+            log = next((tmp_path / "home" / "logs").glob("llama-server-*.log")).read_text()
+            assert log.count("macmesh starts:") == 1
+            # Unload stops it; LoadModel starts it again (and reports it loaded).
+            assert await c.unload_model(GGUF)
+            assert psutil.wait_procs(started, timeout=10)[0] == started
+            info, seconds = await c.load_model(GGUF)
+            assert info.loaded and info.backend == "gguf" and info.memory_bytes > 0
+            assert seconds > 0
     finally:
         running.stop()
     assert not [p for p in _llama_servers() if p.pid not in before]  # stopped with the node

@@ -14,7 +14,7 @@ import pytest
 from node.models.default import DEFAULT_GGUF_ID
 from tests.conftest import RunningCoordinator
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("llama_server_binary")]
 
 MODEL = DEFAULT_GGUF_ID
 SYSTEM = ""  # SmolLM2 answers "Paris" greedily once a system turn is present

@@ -260,12 +260,13 @@ async def test_models_load_unload_and_state(client: NodeClient) -> None:
     assert models["smollm2"].memory_bytes > 50_000_000
     states = client.watch_state(interval_ms=100)
     first = await anext(states)
-    assert first.node_id and [m.id for m in first.models if m.loaded] == ["smollm2"]
+    # (smollm2.gguf may be loaded too: the session node also serves the GGUF tests.)
+    assert first.node_id and "smollm2" in [m.id for m in first.models if m.loaded]
     assert first.memory.total_bytes > first.memory.available_bytes > 0
     assert await client.unload_model("smollm2") is True
     assert await client.unload_model("smollm2") is False
     later = await anext(states)
-    while any(m.loaded for m in later.models):
+    while any(m.loaded for m in later.models if m.id == "smollm2"):
         later = await anext(states)
     assert later.sequence > first.sequence
     info, seconds = await client.load_model("smollm2")
