@@ -322,8 +322,10 @@ async def test_cancel_stops_a_speculative_generation(
     while mlx.running and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert mlx.running == 0, "the cancelled generation is still running"
-    # One token per engine step, also within a speculative round.
-    assert mlx.tokens_generated - cancelled_at <= 2
+    # Tokens already verified in the current round (up to N drafts + 1) are handed out one
+    # per engine step, with no model work between them, so they can all pass before the
+    # cancel arrives over gRPC: at most one round plus the token in flight.
+    assert mlx.tokens_generated - cancelled_at <= 3 + 1 + 1
 
 
 # ---------- units (no model) ----------
