@@ -239,6 +239,15 @@ class ModelLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class CachedPrefix:
+    """Block hashes (routing.prefix) of one model's prompt-cache contents on a node."""
+
+    model: str
+    block_size: int
+    block_hashes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class NodeState:
     """A node's snapshot, pushed to coordinators over WatchState."""
 
@@ -252,3 +261,4 @@ class NodeState:
     running: int = 0
     waiting: int = 0
     draining: bool = False
+    cache: tuple[CachedPrefix, ...] = ()

@@ -9,6 +9,7 @@ import grpc
 
 from mesh import errors
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     ErrorEvent,
     Finish,
@@ -376,6 +377,10 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         running=s.running,
         waiting=s.waiting,
         draining=s.draining,
+        cache=[
+            pb.CachedPrefix(model=c.model, block_size=c.block_size, block_hashes=c.block_hashes)
+            for c in s.cache
+        ],
     )
 
 
@@ -409,4 +414,7 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
         running=msg.running,
         waiting=msg.waiting,
         draining=msg.draining,
+        cache=tuple(
+            CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache
+        ),
     )

@@ -887,6 +887,40 @@ class ModelLoad(_message.Message):
 Global___ModelLoad: _TypeAlias = ModelLoad  # noqa: Y015
 
 @_typing.final
+class CachedPrefix(_message.Message):
+    """A prompt-cache prefix this node holds, as chained block hashes
+    (routing/prefix.py): the hash of block i covers every token up to its end, so
+    holding it means holding the whole prefix before it too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    block_size: _builtins.int
+    """Tokens per block (the node's MLX_CACHE_BLOCK_SIZE)."""
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Every full block held for this model, across its cache slots."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        block_size: _builtins.int = ...,
+        block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_size", b"block_size", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CachedPrefix: _TypeAlias = CachedPrefix  # noqa: Y015
+
+@_typing.final
 class NodeState(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -900,6 +934,7 @@ class NodeState(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     version: _builtins.str
     sequence: _builtins.int
@@ -913,6 +948,12 @@ class NodeState(_message.Message):
     def memory(self) -> Global___Memory: ...
     @_builtins.property
     def load(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLoad]: ...
+    @_builtins.property
+    def cache(self) -> _containers.RepeatedCompositeFieldContainer[Global___CachedPrefix]:
+        """The prompt caches' full contents, every snapshot (an eviction shows as a
+        hash that is gone).
+        """
+
     def __init__(
         self,
         *,
@@ -926,10 +967,11 @@ class NodeState(_message.Message):
         running: _builtins.int = ...,
         waiting: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        cache: _abc.Iterable[Global___CachedPrefix] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "load", b"load", "memory", b"memory", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,6 +7,7 @@ import pytest
 
 from mesh import errors, wire
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     ErrorEvent,
     Finish,
@@ -117,6 +118,7 @@ def test_state_round_trip() -> None:
         running=1,
         waiting=2,
         draining=True,
+        cache=(CachedPrefix("m", 256, (1, 2**64 - 1)),),
     )
     assert wire.state_from_pb(wire.state_to_pb(state)) == state
 
