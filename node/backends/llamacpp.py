@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from mesh.errors import (
     InvalidRequest,
@@ -36,6 +35,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     ErrorEvent,
     Finish,
@@ -44,19 +44,18 @@ from mesh.types import (
     GenerateRequest,
     ModelInfo,
     ModelLoad,
-    ReasoningDelta,
     RenderedPrompt,
     Started,
     TextPrompt,
     ToolCall,
     ToolCallEvent,
-    Usage,
 )
 from node.backends.chat_template import (
     FALLBACK_TOOL_END,
     FALLBACK_TOOL_START,
     build_template_input,
 )
+from node.backends.llamacpp_cache import SlotTracker
 from node.backends.llamacpp_server import (
     GGUFSettings,
     LlamaServer,
@@ -64,35 +63,29 @@ from node.backends.llamacpp_server import (
     ServerSpec,
     reap_orphans,
 )
+from node.backends.llamacpp_wire import (
+    FINISH,
+    StreamRun,
+    chunk_events,
+    error_text,
+    json_or_text,
+    sampling_body,
+    tool_call_grammar,
+    usage_of,
+    wire_message,
+)
 from node.backends.outparse import OutputParser, ParserConfig, json_tool_call_parser, new_call_id
 from node.backends.sse import SSEError, post_json, post_sse
 from node.backends.stats import ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
-from node.sampling import ResolvedSampling, resolve_sampling
+from node.sampling import resolve_sampling
+from routing.prefix import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
 # Recent chat renders remembered (see _render_ids).
 _RENDER_MEMO = 64
-
-_FINISH = {
-    "stop": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "tool_calls": FinishReason.TOOL_CALLS,
-}
-
-
-@dataclass
-class _Run:
-    """What one generation has seen of llama-server's stream."""
-
-    timings: dict[str, Any]
-    finish: str | None = None
-    usage_prompt: int = 0
-    usage_completion: int = 0
-    # /completion only: the stop string llama-server matched.
-    stop_word: str = ""
 
 
 class LlamaCppBackend:
@@ -119,6 +112,9 @@ class LlamaCppBackend:
         self._parallel: dict[tuple[str, str], int] = {}
         self._stats: dict[str, ModelStats] = {}
         self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
+        # Per server: (its start time, the modelled prompt-cache contents).
+        self._caches: dict[tuple[str, str], tuple[float, SlotTracker]] = {}
+        self.block_size = _block_size()
         self._closing = False
         reaped = reap_orphans(home / "run")
         if reaped:
@@ -239,6 +235,7 @@ class LlamaCppBackend:
             await self._servers.pop(key).stop()
             self._slots.pop(key, None)
             self._parallel.pop(key, None)
+            self._caches.pop(key, None)
         self._stats.pop(model_id, None)
         return was
 
@@ -253,10 +250,10 @@ class LlamaCppBackend:
         except SSEError as exc:
             raise Unavailable(f"llama-server for {server.spec.label}: {exc}") from None
         if status == 400:
-            raise InvalidRequest(f"llama-server: {_error_text(data)}")
+            raise InvalidRequest(f"llama-server: {error_text(data)}")
         if status != 200:
             raise Unavailable(
-                f"llama-server for {server.spec.label}: HTTP {status}: {_error_text(data)}"
+                f"llama-server for {server.spec.label}: HTTP {status}: {error_text(data)}"
             )
         return data if isinstance(data, dict) else {}
 
@@ -266,7 +263,7 @@ class LlamaCppBackend:
         assert server.info is not None
         native = server.info.supports_tools or not chat.tools
         inp = build_template_input(chat, native_tools=native)
-        body: dict[str, Any] = {"messages": [_wire_message(m) for m in inp.messages]}
+        body: dict[str, Any] = {"messages": [wire_message(m) for m in inp.messages]}
         if inp.tools:
             body["tools"] = inp.tools
         if chat.enable_thinking is not None:
@@ -354,7 +351,7 @@ class LlamaCppBackend:
             # Chats are counted in parallel: llama-server stops at the end of the context.
             room = n_ctx - len(ids) if ids else n_ctx
             sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
-        body.update(_sampling_body(sampling, chat=count is not None))
+        body.update(sampling_body(sampling, chat=count is not None))
         key = server.spec.key
         stats = self._stats.setdefault(server.spec.model_id, ModelStats())
         slots = self._slots[key]
@@ -370,7 +367,7 @@ class LlamaCppBackend:
                 parse_tool_call=json_tool_call_parser if fallback_tools else None,
             )
         )
-        run = _Run(timings={})
+        run = StreamRun(timings={})
         events: asyncio.Queue[GenerateEvent | _StreamFailed | None] = asyncio.Queue()
         producer: asyncio.Task[None] | None = None
         enqueued = started = time.perf_counter()
@@ -421,10 +418,12 @@ class LlamaCppBackend:
                 if parser.stopped or run.stop_word:
                     reason = FinishReason.STOP_SEQUENCE
                 else:
-                    reason = _FINISH.get(run.finish or "stop", FinishReason.STOP)
+                    reason = FINISH.get(run.finish or "stop", FinishReason.STOP)
                     if parser.tool_calls:
                         reason = FinishReason.TOOL_CALLS
-            usage = _usage(run, len(ids), started - enqueued)
+            usage = usage_of(run, len(ids), started - enqueued)
+            if reason is not FinishReason.ERROR and ids:
+                self._tracker(server).record(ids, usage.cached_prompt_tokens)
             if reason is not FinishReason.ERROR:
                 stats.observe(
                     usage.prompt_tokens - usage.cached_prompt_tokens,
@@ -467,7 +466,7 @@ class LlamaCppBackend:
         endpoint: str,
         body: dict[str, Any],
         parser: OutputParser,
-        run: _Run,
+        run: StreamRun,
         out: asyncio.Queue[GenerateEvent | _StreamFailed | None],
     ) -> None:
         """Feed `out` from one stream: events, then None, or the failure."""
@@ -485,7 +484,7 @@ class LlamaCppBackend:
         endpoint: str,
         body: dict[str, Any],
         parser: OutputParser,
-        run: _Run,
+        run: StreamRun,
     ) -> AsyncGenerator[GenerateEvent, None]:
         """Events from one llama-server stream; raises _StreamFailed on failure."""
         if server.client is None:
@@ -498,17 +497,17 @@ class LlamaCppBackend:
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise _StreamFailed("INTERNAL", f"llama-server: {_error_text(chunk)}")
+                    raise _StreamFailed("INTERNAL", f"llama-server: {error_text(chunk)}")
                 if isinstance(chunk.get("timings"), dict):
                     run.timings = chunk["timings"]
-                for ev in _chunk_events(chunk, parser, calls, run):
+                for ev in chunk_events(chunk, parser, calls, run):
                     yield ev
                 if parser.stopped:
                     return  # closing the stream cancels the rest on llama-server
         except SSEError as exc:
             if exc.status:
                 code = "INVALID_ARGUMENT" if exc.status == 400 else "UNAVAILABLE"
-                detail = _error_text(_json_or_text(exc.body))
+                detail = error_text(json_or_text(exc.body))
                 raise _StreamFailed(code, f"llama-server: HTTP {exc.status}: {detail}") from None
             raise _StreamFailed("UNAVAILABLE", await _why_down(server, exc)) from None
         finally:
@@ -519,6 +518,25 @@ class LlamaCppBackend:
             yield ToolCallEvent(ToolCall(c["id"] or new_call_id(), c["name"], c["args"] or "{}"))
 
     # ---------- state ----------
+
+    def _tracker(self, server: LlamaServer) -> SlotTracker:
+        key = server.spec.key
+        known = self._caches.get(key)
+        if known is None or known[0] != server.started_at:  # new, or restarted: empty cache
+            tracker = SlotTracker(server.spec.model_id, self._parallel[key], self.block_size)
+            self._caches[key] = (server.started_at, tracker)
+            return tracker
+        return known[1]
+
+    def cache_state(self) -> list[CachedPrefix]:
+        """Block hashes of the prompts llama-server's slots hold, per model."""
+        out: dict[str, dict[int, None]] = {}
+        for key, (started_at, tracker) in self._caches.items():
+            server = self._servers.get(key)
+            if server is None or not server.healthy or server.started_at != started_at:
+                continue
+            out.setdefault(key[0], {}).update(dict.fromkeys(tracker.hashes()))
+        return [CachedPrefix(m, self.block_size, tuple(h)) for m, h in out.items() if h]
 
     def load_stats(self) -> list[ModelLoad]:
         loaded = self.loaded()
@@ -577,148 +595,10 @@ async def _why_down(server: LlamaServer, exc: Exception | None) -> str:
     return f"lost the stream from llama-server for {server.spec.label}: {exc or 'not running'}"
 
 
-def _chunk_events(
-    chunk: dict[str, Any], parser: OutputParser, calls: dict[int, dict[str, str]], run: _Run
-) -> list[GenerateEvent]:
-    """Events in one streamed chunk (chat or completion shape)."""
-    out: list[GenerateEvent] = []
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        run.usage_prompt = int(usage.get("prompt_tokens") or 0)
-        run.usage_completion = int(usage.get("completion_tokens") or 0)
-    if "choices" not in chunk:  # /completion
-        text = chunk.get("content") or ""
-        if text:
-            out.extend(parser.feed(text))
-        if chunk.get("stop"):
-            stop_type = chunk.get("stop_type")
-            run.finish = "length" if stop_type == "limit" else "stop"
-            if stop_type == "word":
-                run.stop_word = str(chunk.get("stopping_word") or "")
-            run.usage_prompt = int(chunk.get("tokens_evaluated") or 0)
-            run.usage_completion = int(chunk.get("tokens_predicted") or 0)
-        return out
-    for choice in chunk["choices"]:
-        delta = choice.get("delta") or {}
-        reasoning = delta.get("reasoning_content")
-        if reasoning:
-            out.append(ReasoningDelta(reasoning))
-        content = delta.get("content")
-        if content:
-            out.extend(parser.feed(content))
-        for tc in delta.get("tool_calls") or ():
-            c = calls.setdefault(int(tc.get("index", 0)), {"id": "", "name": "", "args": ""})
-            c["id"] = c["id"] or tc.get("id") or ""
-            fn = tc.get("function") or {}
-            c["name"] += fn.get("name") or ""
-            c["args"] += fn.get("arguments") or ""
-        if choice.get("finish_reason"):
-            run.finish = choice["finish_reason"]
-    return out
-
-
-def _usage(run: _Run, prompt_tokens: int, queue_s: float) -> Usage:
-    t = run.timings
-    cached = int(t.get("cache_n") or 0)
-    return Usage(
-        prompt_tokens=run.usage_prompt or prompt_tokens,
-        completion_tokens=run.usage_completion or int(t.get("predicted_n") or 0),
-        cached_prompt_tokens=cached,
-        prompt_seconds=float(t.get("prompt_ms") or 0.0) / 1000,
-        generation_seconds=float(t.get("predicted_ms") or 0.0) / 1000,
-        queue_seconds=max(0.0, queue_s),
-        draft_tokens=int(t.get("draft_n") or 0),
-        accepted_draft_tokens=int(t.get("draft_n_accepted") or 0),
-    )
-
-
-def _sampling_body(s: ResolvedSampling, *, chat: bool) -> dict[str, Any]:
-    """llama-server's sampling fields; its own defaults (top_k 40, min_p 0.05) never apply."""
-    body: dict[str, Any] = {
-        "stream": True,
-        "cache_prompt": True,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "min_p": s.min_p,
-        "repeat_penalty": s.repetition_penalty,
-        "seed": s.seed if s.seed is not None else -1,
-    }
-    if chat:
-        body["max_tokens"] = s.max_tokens
-        body["stream_options"] = {"include_usage": True}
-        body["reasoning_format"] = "deepseek"  # thinking arrives as reasoning_content
-    else:
-        # /completion says which stop string ended it (the chat endpoint does not,
-        # so chats match stops here, in OutputParser).
-        body["n_predict"] = s.max_tokens
-        body["stop"] = list(s.stop)
-    return body
-
-
-_JSON_GBNF = r"""
-object ::= "{" space ( member ( space "," space member )* )? space "}"
-member ::= string space ":" space value
-value ::= object | array | string | number | "true" | "false" | "null"
-array ::= "[" space ( value ( space "," space value )* )? space "]"
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
-number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
-space ::= [ \n]{0,2}
-"""
-
-
-def tool_call_grammar(names: list[str]) -> str:
-    """GBNF that forces one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
-
-    For templates without tool support, where the tools are described in the
-    system prompt: llama.cpp's grammar makes "a call is required" hold.
-    """
-    alternatives = " | ".join(json.dumps(json.dumps(n)) for n in names)
-    return (
-        'root ::= "<tool_call>" space "{" space "\\"name\\"" space ":" space name space "," '
-        'space "\\"arguments\\"" space ":" space object space "}" space "</tool_call>"\n'
-        f"name ::= {alternatives}" + _JSON_GBNF
-    )
-
-
-def _wire_message(m: dict[str, Any]) -> dict[str, Any]:
-    """HF-template message -> OpenAI wire message (llama-server wants string arguments)."""
-    calls = m.get("tool_calls")
-    if not calls:
-        return m
-    out = dict(m)
-    out["tool_calls"] = [
-        {
-            **c,
-            "function": {
-                "name": c["function"]["name"],
-                "arguments": json.dumps(c["function"]["arguments"]),
-            },
-        }
-        for c in calls
-    ]
-    return out
-
-
-def _error_text(data: Any) -> str:
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        if err:
-            return str(err)
-    return str(data)[:500]
-
-
-def _json_or_text(raw: bytes) -> Any:
+def _block_size() -> int:
+    """The node's prefix block size (`MLX_CACHE_BLOCK_SIZE`, shared with the MLX cache)."""
     try:
-        return json.loads(raw)
+        value = int(os.environ.get("MLX_CACHE_BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
     except ValueError:
-        return raw.decode("utf-8", "replace")
-
-
-def _error_message(r: httpx.Response) -> str:
-    try:
-        return f"HTTP {r.status_code}: {_error_text(r.json())}"
-    except ValueError:
-        return f"HTTP {r.status_code}: {r.text[:500]}"
+        return DEFAULT_BLOCK_SIZE
+    return value if value > 0 else DEFAULT_BLOCK_SIZE

@@ -3,21 +3,29 @@
 For benchmarks and routing tests only (the node labels these models with
 backend "sim"). It implements the same Backend protocol as MLX: it tokenizes
 (one token per UTF-8 byte), renders a ChatML-like template, and "generates" by
-sleeping `prompt_tokens / prefill_tps` then emitting one word per
+sleeping `uncached prompt tokens / prefill_tps` then emitting one word per
 `1 / decode_tps` seconds. Sleeping, not computing, means many simulated nodes
 fit on one small machine, and timing noise stays around a millisecond: it
 isolates what macmesh itself adds.
+
+Like a real engine, prefills of one model run one at a time (FIFO: a node's
+compute is busy), decodes run side by side, and a prompt cache with the MLX
+cache's semantics (block-granular longest prefix, minimum reuse, LRU slots,
+`MLX_CACHE_*` settings) skips the prefill of a cached prefix and is reported
+in the node state, so routing can be studied on many simulated nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from mesh.errors import InvalidRequest, ModelNotFound, PromptTooLong, Unavailable
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     Finish,
     FinishReason,
@@ -34,12 +42,64 @@ from node.backends.chat_template import validate_chat
 from node.backends.outparse import OutputParser, ParserConfig
 from node.config import SamplingDefaults, SimModelSpec
 from node.sampling import resolve_sampling
+from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
 
 _WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
     "lighthouse", "keeper", "watches", "the", "sea", "and", "counts", "the", "waves", "under",
     "a", "pale", "moon",
 )  # fmt: skip
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+class SimPromptCache:
+    """LRU slots of token sequences with the MLX prompt cache's matching rules."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.block_size = _env_int("MLX_CACHE_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+        self.max_slots = _env_int("MLX_CACHE_MAX_SLOTS", 4)
+        self.min_reuse = _env_int("MLX_CACHE_MIN_REUSE", 512)
+        self.max_tokens = _env_int("MLX_CACHE_MAX_TOKENS", 65536)
+        # (tokens, their block hashes); most recently used last.
+        self.slots: list[tuple[list[int], list[int]]] = []
+
+    def lookup(self, ids: list[int]) -> int:
+        """Cached tokens for `ids`: the longest block-aligned common prefix, if long enough."""
+        best = 0
+        for tokens, _ in self.slots:
+            n, limit = 0, min(len(tokens), len(ids))
+            while n < limit and tokens[n] == ids[n]:
+                n += 1
+            best = max(best, n - n % self.block_size)
+        # At least one token is always prefilled (it yields the first logits).
+        best = min(best, len(ids) - 1)
+        return best if best >= self.min_reuse else 0
+
+    def store(self, ids: list[int]) -> None:
+        """`ids` now fills a slot: the one it extends, else the least recently used."""
+        for i, (tokens, _) in enumerate(self.slots):
+            if ids[: len(tokens)] == tokens:
+                del self.slots[i]
+                break
+        self.slots.append((list(ids), block_hashes(self.model, ids, self.block_size)))
+        while len(self.slots) > self.max_slots or (
+            len(self.slots) > 1 and sum(len(t) for t, _ in self.slots) > self.max_tokens
+        ):
+            self.slots.pop(0)
+
+    def state(self) -> CachedPrefix:
+        held: dict[int, None] = {}
+        for _, hashes in self.slots:
+            held.update(dict.fromkeys(hashes))
+        return CachedPrefix(self.model, self.block_size, tuple(held))
 
 
 def sim_tokenize(text: str) -> list[int]:
@@ -63,13 +123,22 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, specs: tuple[SimModelSpec, ...], *, defaults: SamplingDefaults) -> None:
+    def __init__(
+        self,
+        specs: tuple[SimModelSpec, ...],
+        *,
+        defaults: SamplingDefaults,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.specs = {s.name: s for s in specs}
+        self._on_change = on_change
         self.defaults = defaults
         self._running: dict[str, int] = dict.fromkeys(self.specs, 0)
         self._prefill: dict[str, int] = dict.fromkeys(self.specs, 0)
         self.tokens_generated = 0
         self._closing = False
+        self._prefill_lock = {name: asyncio.Lock() for name in self.specs}
+        self.caches = {name: SimPromptCache(name) for name in self.specs}
 
     def _spec(self, model_id: str) -> SimModelSpec:
         spec = self.specs.get(model_id)
@@ -135,10 +204,16 @@ class SimBackend:
         t0 = time.perf_counter()
         prefilled = False
         n = 0
+        cached = 0
         reason = FinishReason.LENGTH
         try:
             yield Started(request_id, spec.name, len(ids))
-            await asyncio.sleep(len(ids) / spec.prefill_tps)
+            async with self._prefill_lock[spec.name]:  # one prefill at a time, FIFO
+                started = time.perf_counter()
+                cached = self.caches[spec.name].lookup(ids)
+                await asyncio.sleep((len(ids) - cached) / spec.prefill_tps)
+                self.caches[spec.name].store(ids)
+            self._on_change()  # coordinators learn of the new prefix (and evictions) now
             self._prefill[spec.name] -= len(ids)
             prefilled = True
             t1 = time.perf_counter()
@@ -162,14 +237,20 @@ class SimBackend:
             usage = Usage(
                 prompt_tokens=len(ids),
                 completion_tokens=n,
-                prompt_seconds=t1 - t0,
+                cached_prompt_tokens=cached,
+                prompt_seconds=t1 - started,
                 generation_seconds=time.perf_counter() - t1,
+                queue_seconds=started - t0,
             )
             yield Finish(reason, usage, parser.stop_sequence)
         finally:
             self._running[spec.name] -= 1
             if not prefilled:
                 self._prefill[spec.name] -= len(ids)
+
+    def cache_state(self) -> list[CachedPrefix]:
+        """The simulated prompt caches' block hashes, like a real node reports them."""
+        return [c.state() for c in self.caches.values() if c.slots]
 
     def load_stats(self) -> list[ModelLoad]:
         return [
