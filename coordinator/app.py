@@ -83,7 +83,7 @@ def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = Non
     )
     registry = registry or NodeRegistry(secret=config.secret, credentials=credentials)
     settings = SettingsStore(config.home, default_model=config.default_model)
-    service = ChatService(registry, settings)
+    service = ChatService(registry, settings, policy=config.routing_policy)
     peers = StaticPeers(config.home, config.peers, registry)
 
     @asynccontextmanager

@@ -19,6 +19,8 @@ class CoordinatorConfig:
     peers: tuple[str, ...] = ()
     # Model for names nothing else resolves (`--default-model`).
     default_model: str | None = None
+    # How a node is picked among those serving the model (routing.policy).
+    routing_policy: str = "cache-aware"
     # When non-empty, every route but health needs one of these keys.
     api_keys: frozenset[str] = frozenset()
     # Seconds between Anthropic `ping` events while the prompt is processed.

@@ -19,6 +19,7 @@ import grpc
 from mesh.client import NodeClient
 from mesh.errors import MeshError, Unauthenticated
 from mesh.types import ModelInfo, NodeState
+from routing.prefix import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class NodeRegistry:
         # whose nodes are all down is "unavailable, retry", not "unknown".
         self.known_models: dict[str, float] = {}
         self._changed = asyncio.Event()
+        # Block hash -> views (by target) whose prompt caches hold it.
+        self.prefix = PrefixIndex()
 
     async def start(self) -> None:
         for target in self._peers:
@@ -127,6 +130,7 @@ class NodeRegistry:
         await asyncio.gather(*(self._stop(v) for v in views))
 
     async def _stop(self, view: NodeView) -> None:
+        self.prefix.drop_node(view.target)
         if view._task is not None:
             view._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,6 +146,7 @@ class NodeRegistry:
                         log.info("node %s (%s) is up", state.node_id, view.target)
                         self._forget_stale_twins(view, state.node_id)
                     view.state, view.last_seen, view.error = state, time.monotonic(), ""
+                    self.prefix.set_node(view.target, state.cache)
                     for m in state.models:
                         self.known_models[m.id] = view.last_seen
                     view.rejected = False
@@ -149,16 +154,19 @@ class NodeRegistry:
                     self._notify()
                 view.error = "state stream ended"
                 view.last_seen = 0.0  # a broken stream means offline now, not when stale
+                self.prefix.drop_node(view.target)
             except Unauthenticated as exc:
                 if not view.rejected:
                     log.warning("node at %s rejected: %s", view.target, exc.message)
                 view.rejected, view.error, view.state = True, exc.message, None
+                self.prefix.drop_node(view.target)
                 backoff = REJECTED_RETRY_SECONDS  # it may be fixed; don't hammer it
             except MeshError as exc:
                 if not view.error:
                     log.warning("node %s unreachable: %s", view.target, exc.message)
                 view.error = exc.message
                 view.last_seen = 0.0
+                self.prefix.drop_node(view.target)
             self._notify()
             await asyncio.sleep(backoff)
             backoff = max(backoff, min(backoff * 2, 2.0))

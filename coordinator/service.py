@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator.nodes import NodeRegistry, NodeView
@@ -21,6 +22,7 @@ from mesh.types import (
     GenerateEvent,
     GenerateRequest,
     ModelInfo,
+    RenderedPrompt,
     SamplingParams,
     Started,
     TextPrompt,
@@ -28,8 +30,15 @@ from mesh.types import (
     Tool,
 )
 from routing.aliases import Resolution, resolve
+from routing.policy import DEFAULT_POLICY, Candidate, Decision, Policy, RoundRobin, choose
+from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
 
 log = logging.getLogger(__name__)
+
+# A routing decision counts as cached there for this long, until the node reports.
+PROVISIONAL_SECONDS = 5.0
+# Renders remembered (see ChatService._render).
+RENDER_MEMO = 256
 
 # Node-side failures worth another node, if no token reached the caller yet.
 _RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
@@ -48,6 +57,7 @@ class Prepared:
     # The chat as asked (after defaults): GGUF nodes get it instead of token ids,
     # because llama-server renders it and parses tool calls/reasoning itself.
     chat: ChatPrompt | None = None
+    decision: Decision | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -70,9 +80,20 @@ class Prepared:
 class ChatService:
     """The coordinator's request path, shared by every API surface."""
 
-    def __init__(self, registry: NodeRegistry, settings: SettingsStore) -> None:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        settings: SettingsStore,
+        *,
+        policy: Policy | str = DEFAULT_POLICY,
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        self.policy = Policy(policy)
+        self._round_robin = RoundRobin()
+        # Recent renders by (model, chat): a conversation's count_tokens and its
+        # request, or a client's retry, are tokenized once.
+        self._renders: OrderedDict[tuple[str, str], RenderedPrompt] = OrderedDict()
 
     # ---------- resolution and placement ----------
 
@@ -92,28 +113,69 @@ class ChatService:
         names.update(a for a in self.settings.routing().aliases if not any(c in a for c in "*?["))
         return sorted(names)
 
-    def choose(self, res: Resolution) -> tuple[NodeView, str]:
-        """A node for the model: loaded there first, then least loaded."""
+    def candidates(self, res: Resolution) -> list[NodeView]:
+        """Online nodes that serve the model; the right error when there are none."""
         candidates = self.registry.served_models().get(res.model, [])
-        if not candidates:
-            if not self.registry.online():
-                raise Unavailable("no node is reachable; check that nodes are running")
-            if res.model in self.registry.known_models:
-                raise Unavailable(
-                    f"no node serving {res.model!r} is up right now (it was served before); "
-                    "retry later"
-                )
-            raise ModelNotFound(
-                f"{res.model} (resolved from {res.requested!r})"
-                if res.model != res.requested
-                else res.model,
-                self.available_names(),
+        if candidates:
+            return candidates
+        if not self.registry.online():
+            raise Unavailable("no node is reachable; check that nodes are running")
+        if res.model in self.registry.known_models:
+            raise Unavailable(
+                f"no node serving {res.model!r} is up right now (it was served before); retry later"
             )
-        if len(candidates) == 1:
-            return candidates[0], "only-node"
-        best = self._another(res, set())
-        assert best is not None
-        return best, "least-loaded"
+        raise ModelNotFound(
+            f"{res.model} (resolved from {res.requested!r})"
+            if res.model != res.requested
+            else res.model,
+            self.available_names(),
+        )
+
+    def place(
+        self, res: Resolution, ids: Sequence[int], views: list[NodeView], *, commit: bool = True
+    ) -> tuple[NodeView, Decision]:
+        """The node for a prompt of token `ids`, by this coordinator's policy.
+
+        `commit` records the choice as a provisional cache entry there, so a
+        burst with the same prefix follows it before the node reports.
+        """
+        now = time.monotonic()
+        index = self.registry.prefix
+        cached: dict[str, int] = {}
+        hashes_by_size: dict[int, list[int]] = {}
+        for size in index.block_sizes() or (DEFAULT_BLOCK_SIZE,):
+            hashes = block_hashes(res.model, ids, size)
+            hashes_by_size[size] = hashes
+            for target, blocks in index.cached_blocks(hashes, now, size).items():
+                cached[target] = max(cached.get(target, 0), blocks * size)
+        by_target = {v.target: v for v in views}
+        decision = choose(
+            [self._candidate(v, res.model, cached.get(v.target, 0)) for v in views],
+            len(ids),
+            self.policy,
+            round_robin=self._round_robin,
+        )
+        view = by_target[decision.node_id]
+        if commit and self.policy is Policy.CACHE_AWARE:
+            for size, hashes in hashes_by_size.items():
+                index.add_provisional(view.target, hashes, now + PROVISIONAL_SECONDS, size)
+        return view, decision
+
+    @staticmethod
+    def _candidate(view: NodeView, model: str, cached_tokens: int) -> Candidate:
+        info = view.model(model)
+        load = next((x for x in view.state.load if x.model == model), None) if view.state else None
+        return Candidate(
+            node_id=view.target,
+            loaded=info is not None and info.loaded,
+            prefill_tps=load.prefill_tokens_per_second if load else 0.0,
+            decode_tps=load.decode_tokens_per_second if load else 0.0,
+            queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
+            # Our own open streams count until the node's next state shows them.
+            running=max(load.running if load else 0, view.inflight),
+            waiting=load.waiting if load else 0,
+            cached_tokens=cached_tokens,
+        )
 
     def model_info(self, model: str) -> ModelInfo | None:
         for view in self.registry.served_models().get(model, []):
@@ -124,32 +186,53 @@ class ChatService:
 
     # ---------- requests ----------
 
-    async def prepare(self, name: str, prompt: ChatPrompt | TextPrompt) -> Prepared:
-        """Resolve, place and tokenize; raises before anything is generated."""
+    async def prepare(
+        self, name: str, prompt: ChatPrompt | TextPrompt, *, commit: bool = True
+    ) -> Prepared:
+        """Resolve, tokenize with the model's own template, place; raises before generating.
+
+        Any node with the model renders (one with it loaded first): the ids are
+        the same everywhere, and the placement needs them.
+        """
         res = self.resolve(name)
-        node, reason = self.choose(res)
+        views = self.candidates(res)
+        renderer = self._another(res, set())
+        assert renderer is not None
         if isinstance(prompt, ChatPrompt):
             if prompt.enable_thinking is None:
                 default = self.settings.inference().enable_thinking
                 if default is not None:
                     prompt = replace(prompt, enable_thinking=default)
-            rendered = await node.client.render(res.model, prompt)
+            rendered = await self._render(renderer, res.model, prompt)
             ids, context = rendered.token_ids, rendered.context_length
             tools = prompt.tools
             chat: ChatPrompt | None = prompt
         else:
-            ids = tuple(await node.client.tokenize(res.model, prompt.text, True))
-            info = node.model(res.model)
+            ids = tuple(await renderer.client.tokenize(res.model, prompt.text, True))
+            info = renderer.model(res.model)
             context = info.context_length if info else 0
             tools = ()
             chat = None
         if context and len(ids) >= context:
             raise PromptTooLong(len(ids), context)
-        return Prepared(res, node, reason, ids, context, tools, chat)
+        node, decision = self.place(res, ids, views, commit=commit)
+        return Prepared(res, node, decision.reason, ids, context, tools, chat, decision)
+
+    async def _render(self, view: NodeView, model: str, chat: ChatPrompt) -> RenderedPrompt:
+        key = (model, repr(chat))
+        hit = self._renders.get(key)
+        if hit is not None:
+            self._renders.move_to_end(key)
+            return hit
+        rendered = await view.client.render(model, chat)
+        self._renders[key] = rendered
+        while len(self._renders) > RENDER_MEMO:
+            self._renders.popitem(last=False)
+        return rendered
 
     async def count_tokens(self, name: str, prompt: ChatPrompt) -> int:
         """Exactly the prompt tokens the node will prefill for this chat."""
-        return (await self.prepare(name, prompt)).prompt_tokens
+        return (await self.prepare(name, prompt, commit=False)).prompt_tokens
 
     def sampling(self, prepared: Prepared, params: SamplingParams) -> SamplingParams:
         """Request values over `inference_settings.json`; max_tokens clamped, never rejected.

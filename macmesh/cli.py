@@ -16,6 +16,7 @@ from coordinator.config import DEFAULT_HTTP_PORT, CoordinatorConfig
 from macmesh import __version__
 from mesh.paths import macmesh_home
 from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, SimModelSpec
+from routing.policy import POLICY_NAMES
 
 log = logging.getLogger("macmesh")
 
@@ -181,6 +182,14 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
     )
     p.add_argument("--default-model", help="model for names nothing else resolves")
     p.add_argument(
+        "--routing-policy",
+        choices=POLICY_NAMES,
+        default="cache-aware",
+        help="how a node is picked among those serving the model: cache-aware (lowest "
+        "estimated time to first token, counting each node's cached prefix and queue), "
+        "least-loaded, round-robin (default cache-aware)",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -200,6 +209,7 @@ def _coordinator_config(
         peers=tuple(dict.fromkeys(args.peer)),
         default_model=args.default_model or default_model,
         api_keys=frozenset(keys),
+        routing_policy=args.routing_policy,
         secret=_secret(),
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

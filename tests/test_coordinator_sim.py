@@ -104,7 +104,10 @@ def test_no_node_answers_503_at_once(mesh: tuple[RunningNode, RunningCoordinator
 def test_loaded_and_least_loaded_placement(tmp_path: Path) -> None:
     a, b = sim_node(tmp_path / "a", "shared"), sim_node(tmp_path / "b", "shared")
     coord = start_coordinator(
-        CoordinatorConfig(home=tmp_path / "c", peers=(a.target, b.target)), wait_nodes=2
+        CoordinatorConfig(
+            home=tmp_path / "c", peers=(a.target, b.target), routing_policy="least-loaded"
+        ),
+        wait_nodes=2,
     )
     try:
         seen = {chat(coord.base_url, "shared", max_tokens=2).headers["x-macmesh-node"]}

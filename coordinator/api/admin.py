@@ -155,7 +155,7 @@ async def put_inference(request: Request) -> JSONResponse:
     return _replace(request, "inference", data)
 
 
-def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
+def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, Any]:
     state = view.state
     online = view.online(stale_after)
     out: dict[str, Any] = {
@@ -165,6 +165,8 @@ def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
         "online": online,
         "error": view.error or None,
         "inflight": view.inflight,
+        # Prompt-cache blocks of this node in the routing index (as last reported).
+        "indexed_blocks": indexed,
         "last_seen_seconds": round(time.monotonic() - view.last_seen, 3)
         if view.last_seen
         else None,
@@ -199,8 +201,14 @@ def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
                     "queued_prefill_tokens": x.queued_prefill_tokens,
                     "prefill_tokens_per_second": x.prefill_tokens_per_second,
                     "decode_tokens_per_second": x.decode_tokens_per_second,
+                    "draft_tokens": x.draft_tokens,
+                    "accepted_draft_tokens": x.accepted_draft_tokens,
                 }
                 for x in state.load
+            ],
+            cache=[
+                {"model": c.model, "block_size": c.block_size, "blocks": len(c.block_hashes)}
+                for c in state.cache
             ],
         )
     return out
@@ -209,7 +217,15 @@ def _node_json(view: NodeView, stale_after: float) -> dict[str, Any]:
 @router.get("/nodes")
 async def list_nodes(request: Request) -> JSONResponse:
     registry = _service(request).registry
-    return JSONResponse({"nodes": [_node_json(v, registry.stale_after) for v in registry.nodes()]})
+    indexed = registry.prefix.stats().nodes
+    return JSONResponse(
+        {
+            "nodes": [
+                _node_json(v, registry.stale_after, indexed.get(v.target, 0))
+                for v in registry.nodes()
+            ]
+        }
+    )
 
 
 @router.get("/models")

@@ -1,0 +1,233 @@
+"""Which node serves a request: `choose(candidates, prompt_tokens, policy) -> Decision`.
+
+Policies (`POLICY_NAMES`, for `--routing-policy`):
+
+* `cache-aware` (default): the lowest estimated time to first token (see
+  `CostModel`), where prompt tokens already in a node's prefix cache cost
+  nothing, with a balance guard so one hot prefix cannot pile every request
+  onto one node;
+* `least-loaded`: fewest running + waiting requests, then least queued
+  prefill;
+* `round-robin`: the next node in node-id order (a `RoundRobin` counter the
+  caller keeps).
+
+Every policy first narrows the candidates to those with the model loaded (a
+cold load costs seconds); only when none has it loaded do all compete. Ties go
+to the lowest node id, so a decision is a pure function of its inputs.
+
+Pure: no I/O, no clocks, no globals.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class Policy(enum.StrEnum):
+    """A routing policy; the value is its CLI / config name."""
+
+    CACHE_AWARE = "cache-aware"
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+
+
+POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in Policy)
+DEFAULT_POLICY = Policy.CACHE_AWARE
+
+
+class Reason(enum.StrEnum):
+    """Why a node was chosen: a bounded set, fit for a metric label and a response header."""
+
+    CACHE_HIT = "cache-hit"  # cache-aware: the winner holds part of the prompt
+    COLD = "cold"  # cache-aware: no candidate holds any of the prompt
+    LEAST_LOADED = "least-loaded"  # least-loaded policy, or a less busy node beat the cache
+    ROUND_ROBIN = "round-robin"
+    BALANCE_GUARD = "balance-guard"  # the cache-aware winner was too busy; next best taken
+    ONLY_NODE = "only-node"  # a single candidate
+    ONLY_LOADED = "only-loaded"  # a single candidate with the model loaded
+    NOT_LOADED = "not-loaded"  # no candidate has the model loaded: it loads there first
+
+
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One node that can serve the model, as the coordinator sees it now.
+
+    Rates are that node's measured moving averages for this model; 0 means
+    not measured yet. `cached_tokens` is the leading prompt tokens its prefix
+    cache holds (`PrefixIndex.cached_blocks` x block size).
+    """
+
+    node_id: str
+    loaded: bool = True
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    queued_prefill_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def load(self) -> int:
+        """Requests on the node for this model: running + waiting."""
+        return self.running + self.waiting
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """The time-to-first-token estimate and the balance guard's thresholds.
+
+    TTFT on node n, in seconds:
+
+        (queued_prefill_tokens + prompt_tokens - cached_tokens) / prefill_rate
+        + running / decode_rate
+
+    The first term is the prompt work ahead of the request (nodes prefill
+    queued requests first; `queued_prefill_tokens` counts them in full) plus
+    its own uncached part. The second is decode interference: engines step
+    every running stream a token per turn, so the request's prefill waits
+    about one decode step per running stream. An unknown rate (0) takes the
+    mean of the candidates' known rates for this model, else the default
+    below; with no rate known anywhere the estimate still ranks nodes by
+    tokens of work and running streams. Model load time is not included.
+
+    Balance guard: the winner is "hot" when its load (running + waiting)
+    exceeds the least loaded candidate's by more than `balance_abs` AND is
+    more than `balance_rel` times it; then the best node that is not hot wins
+    instead (reason `balance-guard`). The estimate above cannot see how long
+    a waiting request sits until a running stream ends, nor how a node's
+    decode slows as streams pile up; the guard caps that error.
+    """
+
+    default_prefill_tps: float = 1000.0
+    default_decode_tps: float = 25.0
+    balance_abs: int = 4
+    balance_rel: float = 2.0
+
+    def ttft_s(
+        self, c: Candidate, prompt_tokens: int, prefill_tps: float, decode_tps: float
+    ) -> float:
+        """Estimated TTFT on `c` with the given (already defaulted) rates."""
+        uncached = max(prompt_tokens - c.cached_tokens, 0)
+        return (c.queued_prefill_tokens + uncached) / prefill_tps + c.running / decode_tps
+
+    def is_hot(self, load: int, min_load: int) -> bool:
+        """Whether `load` is too far above `min_load` (the guard's test)."""
+        return load - min_load > self.balance_abs and load > self.balance_rel * min_load
+
+
+DEFAULT_COST = CostModel()
+
+
+class RoundRobin:
+    """The round-robin policy's counter; the caller keeps one (per model, if it likes)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def pick(self, n: int) -> int:
+        """An index in range(n), one further each call."""
+        i = self._next % n
+        self._next = (i + 1) % n
+        return i
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes and why, with the estimate that chose it."""
+
+    node_id: str
+    reason: str  # a Reason value
+    policy: str  # a Policy value
+    ttft_s: float  # estimated time to first token there (no model load time)
+    cached_tokens: int  # leading prompt tokens cached there
+
+
+def _mean_known(values: Sequence[float], default: float) -> float:
+    known = [v for v in values if v > 0]
+    return sum(known) / len(known) if known else default
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    prompt_tokens: int,
+    policy: Policy | str = DEFAULT_POLICY,
+    *,
+    round_robin: RoundRobin | None = None,
+    cost: CostModel = DEFAULT_COST,
+) -> Decision:
+    """The node for a request of `prompt_tokens` tokens among `candidates`.
+
+    Raises ValueError with no candidates, an unknown policy name, or
+    `round-robin` without a `RoundRobin` counter. Node ids must be unique.
+    """
+    if not candidates:
+        raise ValueError("no candidate node")
+    policy = Policy(policy)
+    if policy is Policy.ROUND_ROBIN and round_robin is None:
+        raise ValueError("the round-robin policy needs a RoundRobin counter")
+    # Rates default from every candidate (same model), loaded or not.
+    prefill_default = _mean_known([c.prefill_tps for c in candidates], cost.default_prefill_tps)
+    decode_default = _mean_known([c.decode_tps for c in candidates], cost.default_decode_tps)
+
+    def ttft(c: Candidate) -> float:
+        return cost.ttft_s(
+            c,
+            prompt_tokens,
+            c.prefill_tps if c.prefill_tps > 0 else prefill_default,
+            c.decode_tps if c.decode_tps > 0 else decode_default,
+        )
+
+    loaded = [c for c in candidates if c.loaded]
+    pool = sorted(loaded or candidates, key=lambda c: c.node_id)
+    est = {c.node_id: ttft(c) for c in pool}
+
+    if policy is Policy.ROUND_ROBIN:
+        assert round_robin is not None
+        best, reason = pool[round_robin.pick(len(pool))], Reason.ROUND_ROBIN
+    elif policy is Policy.LEAST_LOADED:
+        best = min(pool, key=lambda c: (c.load, c.queued_prefill_tokens, c.node_id))
+        reason = Reason.LEAST_LOADED
+    else:
+        best, reason = _cache_aware(pool, est, cost)
+
+    if len(candidates) == 1:
+        reason = Reason.ONLY_NODE
+    elif len(pool) == 1 and loaded:
+        reason = Reason.ONLY_LOADED
+    elif not loaded:
+        reason = Reason.NOT_LOADED
+    return Decision(
+        node_id=best.node_id,
+        reason=reason.value,
+        policy=policy.value,
+        ttft_s=est[best.node_id],
+        cached_tokens=min(best.cached_tokens, prompt_tokens),
+    )
+
+
+def _cache_aware(
+    pool: Sequence[Candidate], est: dict[str, float], cost: CostModel
+) -> tuple[Candidate, Reason]:
+    """Lowest estimated TTFT, then the balance guard; `pool` is sorted by node id."""
+
+    def key(c: Candidate) -> tuple[float, int, str]:
+        return (est[c.node_id], c.load, c.node_id)
+
+    best = min(pool, key=key)
+    min_load = min(c.load for c in pool)
+    if cost.is_hot(best.load, min_load):
+        # The least loaded node is never hot, so this is never empty.
+        best = min((c for c in pool if not cost.is_hot(c.load, min_load)), key=key)
+        return best, Reason.BALANCE_GUARD
+    if best.cached_tokens > 0:
+        return best, Reason.CACHE_HIT
+    if any(c.cached_tokens > 0 for c in pool):
+        return best, Reason.LEAST_LOADED  # a cache holder lost on queued work
+    return best, Reason.COLD
