@@ -384,3 +384,33 @@ def test_kill_9_of_the_node_takes_llama_server_with_it(models_dir: Path, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_the_same_long_prompt_again_is_served_from_the_prompt_cache(
+    gclient: NodeClient,
+) -> None:
+    long = ChatPrompt(
+        (
+            Message("system", "The keeper logged the weather and the ships every hour. " * 60),
+            Message("user", "Summarise the log."),
+        )
+    )
+    req = GenerateRequest(
+        model=GGUF, prompt=long, sampling=SamplingParams(temperature=0.0, max_tokens=2)
+    )
+
+    async def ttft() -> tuple[float, Finish]:
+        t0 = time.perf_counter()
+        first = 0.0
+        events = []
+        async for ev in gclient.generate(req):
+            if isinstance(ev, TextDelta) and not first:
+                first = time.perf_counter() - t0
+            events.append(ev)
+        return first, finish_of(events)
+
+    cold, cold_fin = await ttft()
+    warm, warm_fin = await ttft()
+    assert cold_fin.usage.prompt_tokens > 600 and cold_fin.usage.cached_prompt_tokens < 100
+    assert warm_fin.usage.cached_prompt_tokens >= warm_fin.usage.prompt_tokens - 1
+    assert warm <= 0.1 * cold, (warm, cold)
