@@ -414,7 +414,5 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
         running=msg.running,
         waiting=msg.waiting,
         draining=msg.draining,
-        cache=tuple(
-            CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache
-        ),
+        cache=tuple(CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache),
     )

@@ -80,9 +80,12 @@ class NodeCore:
             max_running=config.max_running,
             max_waiting=config.max_waiting,
             num_draft_tokens=config.num_draft_tokens,
+            on_change=self.notify,
         )
         self.sim = (
-            SimBackend(config.sim_models, defaults=config.sampling) if config.sim_models else None
+            SimBackend(config.sim_models, defaults=config.sampling, on_change=self.notify)
+            if config.sim_models
+            else None
         )
         self.draining = False
         self._sequence = 0
@@ -131,6 +134,7 @@ class NodeCore:
             running=sum(b.running for b in self._backends()),
             waiting=sum(b.waiting for b in self._backends()),
             draining=self.draining,
+            cache=tuple(c for b in self._backends() for c in b.cache_state()),
         )
 
     # ---------- models ----------

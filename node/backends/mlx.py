@@ -1,13 +1,18 @@
-"""MLX backend: models loaded with mlx-lm, driven by the engine thread."""
+"""MLX backend: models loaded with mlx-lm, driven by the engine thread.
+
+Each model has a prompt cache (`node.cache`, tuned by `MLX_CACHE_*` read at
+construction); `cache_state` reports its block hashes for coordinators.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +25,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     Finish,
     GenerateEvent,
@@ -40,6 +46,7 @@ from node.backends.chat_template import (
 from node.backends.mlx_engine import Engine, GenJob
 from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
 from node.backends.stats import ModelStats
+from node.cache import CacheConfig, PromptCaches
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog, CatalogEntry
 from node.sampling import resolve_sampling
@@ -198,12 +205,23 @@ class MLXBackend:
         max_running: int = 4,
         max_waiting: int = 256,
         num_draft_tokens: int | None = None,
+        cache_config: CacheConfig | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
+        """`cache_config` None reads `MLX_CACHE_*`; `on_change` is called on the event
+        loop when what `cache_state` reports changed."""
         self.catalog = catalog
         self.defaults = defaults
         # Speculative decoding: tokens a draft proposes per round (None: env/default).
         self.num_draft_tokens = resolve_num_draft_tokens(num_draft_tokens)
-        self._engine = Engine(max_running=max_running, max_waiting=max_waiting)
+        self._on_change = on_change
+        # The loop generations run on: cache changes (engine thread) are posted to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._caches = PromptCaches(
+            cache_config if cache_config is not None else CacheConfig.from_env(),
+            on_change=self._cache_changed,
+        )
+        self._engine = Engine(max_running=max_running, max_waiting=max_waiting, caches=self._caches)
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
         # (target, draft) pairs already checked compatible; dropped on unload.
@@ -246,7 +264,12 @@ class MLXBackend:
             return False
         self._draft_ok = {pair for pair in self._draft_ok if model_id not in pair}
         del lm
-        await self._engine.call(_unload_on_engine)
+
+        def unload() -> None:
+            self._caches.drop_model(model_id)  # its KV arrays, before the memory is freed
+            _unload_on_engine()
+
+        await self._engine.call(unload)
         return True
 
     async def _model(self, model_id: str) -> LoadedModel:
@@ -370,6 +393,27 @@ class MLXBackend:
                 )
         return cfg
 
+    # ---------- prompt cache ----------
+
+    @property
+    def caches(self) -> PromptCaches:
+        """The prompt caches (engine-thread state; `state()` is safe anywhere)."""
+        return self._caches
+
+    def cache_state(self) -> list[CachedPrefix]:
+        """Per loaded model, the block hashes its prompt cache holds (cheap: precomputed)."""
+        held = self._caches.state()
+        size = self._caches.config.block_size
+        return [CachedPrefix(mid, size, held.get(mid, ())) for mid in self._models]
+
+    def _cache_changed(self) -> None:
+        """Engine thread: the cache's hashes changed; tell the event loop's listener."""
+        loop, notify = self._loop, self._on_change
+        if loop is None or notify is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+            loop.call_soon_threadsafe(notify)
+
     # ---------- generation ----------
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
@@ -405,6 +449,13 @@ class MLXBackend:
                 f"{self._engine.waiting} requests already waiting on this node; retry later"
             )
         request_id = request.request_id or f"req_{uuid.uuid4().hex[:16]}"
+        self._loop = asyncio.get_running_loop()
+        hashes: list[int] | None = None
+        predicted = 0
+        if draft is None and self._caches.config.enabled:
+            # Hashed once here; the engine's cache lookup reuses them.
+            hashes = self._caches.hashes(lm.entry.id, ids)
+            predicted = self._caches.predict(lm.entry.id, ids, hashes)
         job = GenJob(
             request_id=request_id,
             model_id=lm.entry.id,
@@ -418,6 +469,8 @@ class MLXBackend:
             draft_model=draft.model if draft is not None else None,
             draft_model_id=draft.entry.id if draft is not None else "",
             num_draft_tokens=self.num_draft_tokens if draft is not None else 0,
+            prompt_hashes=hashes,
+            predicted_cached=predicted,
         )
         position = self._engine.submit(job)
         try:

@@ -12,6 +12,13 @@ Speculative decoding (a job with a `draft_model`) goes through mlx-lm's own
 `_speculative_stream` for what the engine adds around it (an abortable prefill,
 the prompt as repetition-penalty context) and `_count_draft` for how the
 draft counters are kept.
+
+The prompt cache (`node.cache`) lives on this thread too: a plain job leases
+a KV cache already holding as much of its prompt as possible when it starts,
+prefills only the rest, and hands the cache back (prompt plus generated
+tokens) when it ends, whatever the outcome. Speculative jobs do not use it:
+their two caches (target and draft) must be filled in step, which the
+target-only slots cannot give; they prefill from scratch as before.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 from mesh.types import ErrorEvent, Finish, FinishReason, GenerateEvent, Usage
 from node.backends.outparse import OutputParser, ParserConfig
 from node.backends.stats import ModelStats
+from node.cache import Lease, PromptCaches
 from node.sampling import ResolvedSampling
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,10 @@ class GenJob:
     draft_model: Any = None
     draft_model_id: str = ""
     num_draft_tokens: int = 0
+    # Block hashes of `prompt_ids` (node.cache), when the submitter has them,
+    # and the prompt tokens it expects the cache to serve (queue accounting).
+    prompt_hashes: list[int] | None = None
+    predicted_cached: int = 0
     events: asyncio.Queue[GenerateEvent] = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.perf_counter)
     # Set from the event loop; read by the engine thread (a plain bool is
@@ -76,6 +88,13 @@ class GenJob:
     _tokens: int = 0
     _started_at: float = 0.0
     _first_at: float = 0.0
+    # Prompt cache: the lease, prompt tokens it served, tokens generated (fed
+    # to the model, so the cache holds them too), and this job's share of
+    # `stats.queued_prefill_tokens`.
+    _lease: Lease | None = None
+    _cached: int = 0
+    _out_tokens: list[int] = field(default_factory=list)
+    _queued_prefill: int = 0
     # Speculative bookkeeping (see `_count_draft`).
     _draft_tokens: int = 0
     _accepted_draft_tokens: int = 0
@@ -108,18 +127,20 @@ def _make_sampler(s: ResolvedSampling) -> Callable[[Any], Any]:
 
 
 def _with_prompt_context(
-    processors: list[Callable[[Any, Any], Any]], prompt_ids: list[int]
+    processors: list[Callable[[Any, Any], Any]], context_ids: list[int]
 ) -> list[Callable[[Any, Any], Any]]:
-    """The processors, each seeing the prompt's tail before the tokens it is given.
+    """The processors, each seeing `context_ids`' tail before the tokens it is given.
 
-    mlx-lm's speculative step only tracks the tokens it feeds the model after
-    its prefill (the last prompt token onwards), while `generate_step` tracks
-    the whole prompt; prepending the prompt's tail makes the repetition
-    penalty see the same window on both paths, so greedy output matches.
+    mlx-lm only tracks the tokens it feeds the model itself: the speculative
+    step from the last prompt token on (the engine prefilled the rest), and
+    `generate_step` from the first token not served by the prompt cache.
+    Prepending the tail of the prompt tokens it did not see makes the
+    repetition penalty see the same window on every path, so greedy output
+    matches.
     """
     import mlx.core as mx
 
-    head = mx.array(prompt_ids[:-1][-_REPETITION_CONTEXT:], dtype=mx.uint32)
+    head = mx.array(context_ids[-_REPETITION_CONTEXT:], dtype=mx.uint32)
 
     def wrap(proc: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         return lambda tokens, logits: proc(mx.concatenate([head, tokens]), logits)
@@ -159,7 +180,7 @@ def _speculative_stream(
     if job.cancelled:
         raise _Aborted
     if processors:
-        processors = _with_prompt_context(processors, job.prompt_ids)
+        processors = _with_prompt_context(processors, job.prompt_ids[:-1])
     yield from stream_generate(
         job.model,
         job.tokenizer,
@@ -202,9 +223,13 @@ def _count_draft(job: GenJob, resp: Any, completion: bool) -> None:
 class Engine:
     """Runs model work on one thread; see the module docstring."""
 
-    def __init__(self, *, max_running: int, max_waiting: int) -> None:
+    def __init__(
+        self, *, max_running: int, max_waiting: int, caches: PromptCaches | None = None
+    ) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
+        # Prompt caches of all models (None: no caching); engine-thread state.
+        self.caches = caches
         self._inbox: queue.Queue[GenJob | Callable[[], None] | None] = queue.Queue()
         self._waiting: deque[GenJob] = deque()
         self._active: list[GenJob] = []
@@ -249,7 +274,10 @@ class Engine:
             ahead = max(0, self._running + self._queued - self.max_running + 1)
             self._queued += 1
             job.stats.waiting += 1
-            job.stats.queued_prefill_tokens += len(job.prompt_ids)
+            # What the cache will serve is only known when the job starts (on
+            # the engine thread); until then count the submitter's estimate.
+            job._queued_prefill = len(job.prompt_ids) - job.predicted_cached
+            job.stats.queued_prefill_tokens += job._queued_prefill
         self._inbox.put(job)
         return ahead
 
@@ -318,6 +346,7 @@ class Engine:
                 repetition_context_size=_REPETITION_CONTEXT,
             )
         job._parser = OutputParser(job.parser_config)
+        # Before the cache lookup: a copy of a long prefix is part of the prefill.
         job._started_at = time.perf_counter()
         if job.draft_model is not None:
             log.debug(
@@ -329,14 +358,32 @@ class Engine:
             )
             job._gen = _speculative_stream(job, _make_sampler(job.sampling), processors)
             return
+        cache = None
+        if self.caches is not None:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            job._lease = self.caches.acquire(
+                job.model_id,
+                job.prompt_ids,
+                lambda: make_prompt_cache(job.model),
+                job.prompt_hashes,
+            )
+            cache, job._cached = job._lease.cache, job._lease.cached
+            with self._lock:  # now the real prefill is known
+                left = len(job.prompt_ids) - job._cached
+                job.stats.queued_prefill_tokens += left - job._queued_prefill
+                job._queued_prefill = left
+            if processors and job._cached:
+                processors = _with_prompt_context(processors, job.prompt_ids[: job._cached])
         job._gen = stream_generate(
             job.model,
             job.tokenizer,
-            job.prompt_ids,
+            job.prompt_ids[job._cached :],
             max_tokens=job.sampling.max_tokens,
             sampler=_make_sampler(job.sampling),
             logits_processors=processors,
             prompt_progress_callback=progress,
+            prompt_cache=cache,
         )
 
     def _step(self, job: GenJob) -> None:
@@ -364,7 +411,9 @@ class Engine:
         if not job._first_at:
             job._first_at = time.perf_counter()
             with self._lock:
-                job.stats.queued_prefill_tokens -= len(job.prompt_ids)
+                job.stats.queued_prefill_tokens -= job._queued_prefill
+                job._queued_prefill = 0
+        job._out_tokens.append(int(resp.token))
         reason = resp.finish_reason
         completion = reason is None or reason == "length"
         if completion:
@@ -382,6 +431,23 @@ class Engine:
             else:
                 self._end(job, FinishReason.TOOL_CALLS if parser.tool_calls else FinishReason.STOP)
 
+    def _release_cache(self, job: GenJob, reason: FinishReason) -> None:
+        """Give the job's KV cache back to the prompt cache (before Finish goes out).
+
+        It holds the prompt and every token generated (each was fed to the
+        model); after a failure its state is unknown and it is dropped; after
+        a cancel during prefill it holds some prefix of the prompt, which the
+        cache reads from the layers' offset.
+        """
+        lease, job._lease = job._lease, None
+        if lease is None or self.caches is None:
+            return
+        tokens = None if reason is FinishReason.ERROR else job.prompt_ids + job._out_tokens
+        try:
+            self.caches.release(lease, tokens, exact=bool(job._first_at))
+        except Exception:
+            log.exception("%s: returning the prompt cache failed", job.request_id)
+
     def _flush(self, job: GenJob, events: list[Any]) -> None:
         for ev in events:
             self._emit(job, ev)
@@ -398,7 +464,7 @@ class Engine:
         usage = Usage(
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=job._tokens,
-            cached_prompt_tokens=0,
+            cached_prompt_tokens=job._cached,
             prompt_seconds=prompt_s,
             generation_seconds=gen_s,
             queue_seconds=started - job.enqueued_at,
@@ -417,12 +483,16 @@ class Engine:
                 self._waiting.remove(job)
                 self._queued -= 1
                 job.stats.waiting -= 1
-            if not job._first_at:
-                job.stats.queued_prefill_tokens -= len(job.prompt_ids)
+            job.stats.queued_prefill_tokens -= job._queued_prefill
+            job._queued_prefill = 0
         if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE) or (
             reason is FinishReason.TOOL_CALLS
         ):
-            job.stats.observe(len(job.prompt_ids), prompt_s, job._tokens, gen_s)
+            # The prefill rate is over the tokens really prefilled.
+            prefilled = len(job.prompt_ids) - job._cached
+            job.stats.observe(prefilled, prompt_s, job._tokens, gen_s)
+        # Before Finish: a state snapshot taken on Finish shows the new slot.
+        self._release_cache(job, reason)
         job.finished = True
         self._emit(job, Finish(reason=reason, usage=usage, stop_sequence=stop_sequence))
 

@@ -1,0 +1,165 @@
+"""Prefix-cache-aware routing across real nodes (simulated engines) and a real coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from mesh.client import NodeClient
+from mesh.types import ChatPrompt, GenerateRequest, Message, SamplingParams
+from node.config import NodeConfig, SimModelSpec
+from routing.prefix import block_hashes
+from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+
+MODEL = "sim-cache"
+# One token per byte in the simulated tokenizer: a ~1200-token shared system prompt.
+SYSTEM = "You are a careful assistant for the lighthouse keepers' guild. " * 20
+
+
+@pytest.fixture
+def mesh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[list[RunningNode], RunningCoordinator]]:
+    monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
+    monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "128")
+    monkeypatch.setenv("MLX_CACHE_MAX_SLOTS", "1")  # a second prefix evicts the first
+    nodes = [
+        start_node(
+            NodeConfig(
+                grpc_port=0,
+                home=tmp_path / f"n{i}",
+                models_dir=tmp_path / f"n{i}" / "models",
+                scan_hf_cache=False,
+                sim_models=(SimModelSpec(MODEL, 20_000, 2000, 32768),),
+            )
+        )
+        for i in range(3)
+    ]
+    coord = start_coordinator(
+        CoordinatorConfig(home=tmp_path / "c", peers=tuple(n.target for n in nodes)),
+        wait_nodes=3,
+    )
+    yield nodes, coord
+    coord.stop()
+    for n in nodes:
+        n.stop()
+
+
+def ask(url: str, question: str, system: str = SYSTEM) -> httpx.Response:
+    body = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+    }
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _wait(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_shared_prefix_follows_its_cache(
+    mesh: tuple[list[RunningNode], RunningCoordinator],
+) -> None:
+    _, coord = mesh
+    first = ask(coord.base_url, "How often is the lamp cleaned?")
+    assert first.headers["x-macmesh-route-reason"] == "cold"
+    home = first.headers["x-macmesh-node"]
+    for i in range(4):
+        r = ask(coord.base_url, f"Question {i}: what about the fog horn?")
+        assert r.headers["x-macmesh-node"] == home
+        assert r.headers["x-macmesh-route-reason"] == "cache-hit"
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 1024
+    # Another prefix goes elsewhere: the warm node is no better for it, and it is busier in
+    # the index's eyes only through its cache, which does not hold this prompt.
+    other = ask(coord.base_url, "Hello", system="A different assistant entirely. " * 40)
+    assert other.headers["x-macmesh-route-reason"] in ("cold", "least-loaded")
+
+
+def test_round_robin_and_least_loaded_ignore_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "64")
+    monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
+    nodes = [
+        start_node(
+            NodeConfig(
+                grpc_port=0,
+                home=tmp_path / f"n{i}",
+                models_dir=tmp_path / f"n{i}" / "models",
+                scan_hf_cache=False,
+                sim_models=(SimModelSpec(MODEL, 20_000, 2000, 32768),),
+            )
+        )
+        for i in range(2)
+    ]
+    coord = start_coordinator(
+        CoordinatorConfig(
+            home=tmp_path / "c",
+            peers=tuple(n.target for n in nodes),
+            routing_policy="round-robin",
+        ),
+        wait_nodes=2,
+    )
+    try:
+        seen = [ask(coord.base_url, f"q{i}").headers for i in range(4)]
+        assert {h["x-macmesh-route-reason"] for h in seen} == {"round-robin"}
+        assert len({h["x-macmesh-node"] for h in seen}) == 2  # alternates
+    finally:
+        coord.stop()
+        for n in nodes:
+            n.stop()
+
+
+def _indexed(url: str, target: str) -> int:
+    nodes = httpx.get(url + "/api/nodes", timeout=5).json()["nodes"]
+    return int(next(n["indexed_blocks"] for n in nodes if n["address"] == target))
+
+
+def test_an_eviction_reaches_the_index_within_100_ms(
+    mesh: tuple[list[RunningNode], RunningCoordinator],
+) -> None:
+    nodes, coord = mesh
+    first = ask(coord.base_url, "How often is the lamp cleaned?")
+    target = next(
+        n
+        for n in nodes
+        if n.server.core and n.server.core.node_id == first.headers["x-macmesh-node"]
+    )
+    assert target.server.core is not None and target.server.core.sim is not None
+    cache = target.server.core.sim.caches[MODEL]
+    old = list(cache.slots[0][1])
+    assert len(old) > 10
+    _wait(lambda: _indexed(coord.base_url, target.target) == len(old))
+
+    async def other_prompt() -> None:
+        # Straight to that node: its only slot now holds another prompt.
+        async with NodeClient(target.target) as c:
+            prompt = ChatPrompt((Message("system", "Other. " * 100), Message("user", "x")))
+            req = GenerateRequest(MODEL, prompt, SamplingParams(max_tokens=1))
+            async for _ in c.generate(req):
+                pass
+
+    runner = threading.Thread(target=lambda: asyncio.run(other_prompt()))
+    runner.start()
+    _wait(lambda: bool(cache.slots) and cache.slots[0][1][:1] != old[:1])
+    evicted_at = time.monotonic()
+    _wait(lambda: _indexed(coord.base_url, target.target) != len(old), 2.0)
+    lag = time.monotonic() - evicted_at
+    runner.join(10)
+    assert lag < 0.1, f"the eviction reached the coordinator after {lag * 1000:.0f} ms"
+    held = set(block_hashes(MODEL, cache.slots[0][0], 64))
+    assert _indexed(coord.base_url, target.target) == len(held)
