@@ -149,16 +149,22 @@ class ChatService:
             for target, blocks in index.cached_blocks(hashes, now, size).items():
                 cached[target] = max(cached.get(target, 0), blocks * size)
         by_target = {v.target: v for v in views}
+        # Prompts that begin alike go to the same node even before any node reports them.
+        first = min(hashes_by_size.items())[1][:1] if hashes_by_size else []
+        affinity = first[0] if first else hash(tuple(ids)) & 0xFFFFFFFFFFFF
         decision = choose(
             [self._candidate(v, res.model, cached.get(v.target, 0)) for v in views],
             len(ids),
             self.policy,
             round_robin=self._round_robin,
+            affinity=affinity or 1,
         )
         view = by_target[decision.node_id]
         if commit and self.policy is Policy.CACHE_AWARE:
+            # Until the node reports: at least until the request has had time to prefill.
+            expires = now + max(PROVISIONAL_SECONDS, 2 * decision.ttft_s + 2.0)
             for size, hashes in hashes_by_size.items():
-                index.add_provisional(view.target, hashes, now + PROVISIONAL_SECONDS, size)
+                index.add_provisional(view.target, hashes, expires, size)
         return view, decision
 
     @staticmethod

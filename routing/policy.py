@@ -21,6 +21,7 @@ Pure: no I/O, no clocks, no globals.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -107,6 +108,9 @@ class CostModel:
     default_decode_tps: float = 25.0
     balance_abs: int = 4
     balance_rel: float = 2.0
+    # Estimates this close to the best are a tie (see _cache_aware).
+    tie_rel: float = 0.15
+    tie_abs: float = 0.02
 
     def ttft_s(
         self, c: Candidate, prompt_tokens: int, prefill_tps: float, decode_tps: float
@@ -161,8 +165,14 @@ def choose(
     *,
     round_robin: RoundRobin | None = None,
     cost: CostModel = DEFAULT_COST,
+    affinity: int = 0,
 ) -> Decision:
     """The node for a request of `prompt_tokens` tokens among `candidates`.
+
+    `affinity` (cache-aware only) breaks near-ties by rendezvous hashing: give
+    the hash of the prompt's first block, and prompts sharing a beginning go to
+    the same node even before any node reports caching it, while different
+    beginnings spread over the nodes instead of piling onto the lowest id.
 
     Raises ValueError with no candidates, an unknown policy name, or
     `round-robin` without a `RoundRobin` counter. Node ids must be unique.
@@ -195,7 +205,7 @@ def choose(
         best = min(pool, key=lambda c: (c.load, c.queued_prefill_tokens, c.node_id))
         reason = Reason.LEAST_LOADED
     else:
-        best, reason = _cache_aware(pool, est, cost)
+        best, reason = _cache_aware(pool, est, cost, affinity)
 
     if len(candidates) == 1:
         reason = Reason.ONLY_NODE
@@ -212,19 +222,38 @@ def choose(
     )
 
 
+def _rendezvous(affinity: int, node_id: str) -> int:
+    digest = hashlib.blake2b(f"{affinity}:{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def _cache_aware(
-    pool: Sequence[Candidate], est: dict[str, float], cost: CostModel
+    pool: Sequence[Candidate], est: dict[str, float], cost: CostModel, affinity: int = 0
 ) -> tuple[Candidate, Reason]:
-    """Lowest estimated TTFT, then the balance guard; `pool` is sorted by node id."""
+    """Lowest estimated TTFT, then the balance guard; `pool` is sorted by node id.
+
+    Estimates within `cost.tie_rel` (plus `tie_abs` seconds) of the best count
+    as a tie: measured rates are noisy, and among near-equal nodes the one
+    holding more of the prompt, then the affinity hash, decides.
+    """
 
     def key(c: Candidate) -> tuple[float, int, str]:
         return (est[c.node_id], c.load, c.node_id)
 
-    best = min(pool, key=key)
+    def pick(cands: Sequence[Candidate]) -> Candidate:
+        top = min(est[c.node_id] for c in cands)
+        near = [c for c in cands if est[c.node_id] <= top * (1 + cost.tie_rel) + cost.tie_abs]
+        most = max(c.cached_tokens for c in near)
+        near = [c for c in near if c.cached_tokens == most]
+        if affinity and len(near) > 1:
+            return max(near, key=lambda c: (_rendezvous(affinity, c.node_id), c.node_id))
+        return min(near, key=key)
+
+    best = pick(pool)
     min_load = min(c.load for c in pool)
     if cost.is_hot(best.load, min_load):
         # The least loaded node is never hot, so this is never empty.
-        best = min((c for c in pool if not cost.is_hot(c.load, min_load)), key=key)
+        best = pick([c for c in pool if not cost.is_hot(c.load, min_load)])
         return best, Reason.BALANCE_GUARD
     if best.cached_tokens > 0:
         return best, Reason.CACHE_HIT

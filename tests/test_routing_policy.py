@@ -291,3 +291,14 @@ def test_names() -> None:
     assert set(REASONS) == {r.value for r in Reason}
     assert all(len(r) <= 16 and r.isascii() for r in REASONS)
     assert choose([C("a")], 1).policy == "cache-aware"
+
+
+def test_affinity_spreads_cold_prompts_and_keeps_alike_ones_together() -> None:
+    idle = [Candidate(f"n{i}", prefill_tps=400, decode_tps=150) for i in range(4)]
+    picks = {choose(idle, 2000, affinity=a).node_id for a in range(1, 200)}
+    assert len(picks) == 4  # different beginnings spread over every idle node
+    same = {choose(idle, 2000, affinity=12345).node_id for _ in range(5)}
+    assert len(same) == 1  # the same beginning, the same node
+    # Near-equal estimates: a node that holds part of the prompt wins the tie.
+    warm = [*idle[:3], Candidate("n3", prefill_tps=380, decode_tps=150, cached_tokens=256)]
+    assert choose(warm, 2000, affinity=7).node_id == "n3"

@@ -386,6 +386,9 @@ class LlamaCppBackend:
                 self._check_length(ids, n_ctx)
             stats.queued_prefill_tokens += len(ids)
             queued = True
+            # The slot holds this prompt from now on: say so before it even finishes.
+            tracker = self._tracker(server)
+            tracker.record(ids, tracker.predicted(ids))
             self._on_change()
             yield Started(
                 request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",

@@ -200,7 +200,9 @@ class SimBackend:
         parser = OutputParser(ParserConfig(stop=sampling.stop))
         request_id = request.request_id or f"sim_{uuid.uuid4().hex[:16]}"
         self._running[spec.name] += 1
-        self._prefill[spec.name] += len(ids)
+        # Work queued counts what will really be prefilled (the cache as it is now).
+        queued = len(ids) - self.caches[spec.name].lookup(ids)
+        self._prefill[spec.name] += queued
         t0 = time.perf_counter()
         prefilled = False
         n = 0
@@ -214,7 +216,7 @@ class SimBackend:
                 await asyncio.sleep((len(ids) - cached) / spec.prefill_tps)
                 self.caches[spec.name].store(ids)
             self._on_change()  # coordinators learn of the new prefix (and evictions) now
-            self._prefill[spec.name] -= len(ids)
+            self._prefill[spec.name] -= queued
             prefilled = True
             t1 = time.perf_counter()
             # Decode on a fixed schedule so per-token costs don't accumulate drift.
@@ -246,7 +248,7 @@ class SimBackend:
         finally:
             self._running[spec.name] -= 1
             if not prefilled:
-                self._prefill[spec.name] -= len(ids)
+                self._prefill[spec.name] -= queued
 
     def cache_state(self) -> list[CachedPrefix]:
         """The simulated prompt caches' block hashes, like a real node reports them."""

