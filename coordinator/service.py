@@ -149,11 +149,18 @@ class ChatService:
             for target, blocks in index.cached_blocks(hashes, now, size).items():
                 cached[target] = max(cached.get(target, 0), blocks * size)
         by_target = {v.target: v for v in views}
+        occupancy = index.stats().nodes
         # Prompts that begin alike go to the same node even before any node reports them.
         first = min(hashes_by_size.items())[1][:1] if hashes_by_size else []
         affinity = first[0] if first else hash(tuple(ids)) & 0xFFFFFFFFFFFF
         decision = choose(
-            [self._candidate(v, res.model, cached.get(v.target, 0)) for v in views],
+            [
+                replace(
+                    self._candidate(v, res.model, cached.get(v.target, 0)),
+                    cache_blocks=occupancy.get(v.target, 0),
+                )
+                for v in views
+            ],
             len(ids),
             self.policy,
             round_robin=self._round_robin,

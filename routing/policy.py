@@ -71,6 +71,9 @@ class Candidate:
     running: int = 0
     waiting: int = 0
     cached_tokens: int = 0
+    # Blocks its prompt caches hold in all (how full they are): a prefix nobody
+    # holds goes where it evicts the least.
+    cache_blocks: int = 0
 
     @property
     def load(self) -> int:
@@ -245,6 +248,10 @@ def _cache_aware(
         near = [c for c in cands if est[c.node_id] <= top * (1 + cost.tie_rel) + cost.tie_abs]
         most = max(c.cached_tokens for c in near)
         near = [c for c in near if c.cached_tokens == most]
+        if most == 0 and len(near) > 1:
+            # A new prefix: the emptiest cache, so it displaces no other prefix's home.
+            emptiest = min(c.cache_blocks for c in near)
+            near = [c for c in near if c.cache_blocks == emptiest]
         if affinity and len(near) > 1:
             return max(near, key=lambda c: (_rendezvous(affinity, c.node_id), c.node_id))
         return min(near, key=key)

@@ -302,3 +302,12 @@ def test_affinity_spreads_cold_prompts_and_keeps_alike_ones_together() -> None:
     # Near-equal estimates: a node that holds part of the prompt wins the tie.
     warm = [*idle[:3], Candidate("n3", prefill_tps=380, decode_tps=150, cached_tokens=256)]
     assert choose(warm, 2000, affinity=7).node_id == "n3"
+
+
+def test_a_new_prefix_goes_to_the_emptiest_cache() -> None:
+    idle = [
+        Candidate("n0", prefill_tps=400, decode_tps=150, cache_blocks=12),
+        Candidate("n1", prefill_tps=400, decode_tps=150, cache_blocks=3),
+        Candidate("n2", prefill_tps=400, decode_tps=150, cache_blocks=12),
+    ]
+    assert {choose(idle, 2000, affinity=a).node_id for a in range(1, 50)} == {"n1"}
