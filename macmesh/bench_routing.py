@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -586,11 +587,18 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     return [ttft, nodes]
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(config: RoutingBenchConfig) -> int:
     """Run, print the markdown report; 1 when any request failed."""
     # The in-process coordinators would log every request at INFO.
     for name in ("coordinator", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # SIGTERM must unwind through the `finally` that stops the child nodes (and their
+    # llama-servers); the default action would leave them running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     report = run_bench(config)
     print(markdown(report))
     if config.out is not None:
