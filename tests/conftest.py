@@ -15,7 +15,7 @@ import pytest
 
 from mesh.client import NodeClient
 from node.app import NodeServer
-from node.config import NodeConfig
+from node.config import NodeConfig, SimModelSpec
 
 # Tests never touch the user's real state or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,6 +79,19 @@ def start_node(config: NodeConfig) -> RunningNode:
     if error:
         raise error[0]
     return RunningNode(server, loop, thread)
+
+
+def start_sim_node(home: Path, spec: SimModelSpec) -> RunningNode:
+    """A node serving one SIMULATED model from its own home (no real models)."""
+    return start_node(
+        NodeConfig(
+            grpc_port=0,
+            home=home,
+            models_dir=home / "models",
+            scan_hf_cache=False,
+            sim_models=(spec,),
+        )
+    )
 
 
 @pytest.fixture(scope="session")

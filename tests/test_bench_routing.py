@@ -22,9 +22,9 @@ from macmesh.bench_routing import (
     summarize,
 )
 from macmesh.bench_workloads import WORKLOADS, WorkloadSpec, build
-from node.config import NodeConfig, SimModelSpec
+from node.config import SimModelSpec
 from routing.policy import POLICY_NAMES
-from tests.conftest import RunningNode, start_node
+from tests.conftest import RunningNode, start_sim_node
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sim-bench"
@@ -99,16 +99,7 @@ def sim_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[
     monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "128")
     monkeypatch.setenv("MLX_CACHE_MAX_SLOTS", "4")
     nodes = [
-        start_node(
-            NodeConfig(
-                grpc_port=0,
-                home=tmp_path / f"n{i}",
-                models_dir=tmp_path / f"n{i}" / "models",
-                scan_hf_cache=False,
-                sim_models=(SimModelSpec(MODEL, 5000, 200, 32768),),
-            )
-        )
-        for i in range(3)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 5000, 200, 32768)) for i in range(3)
     ]
     yield nodes
     for n in nodes:

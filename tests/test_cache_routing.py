@@ -14,9 +14,9 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from mesh.client import NodeClient
 from mesh.types import ChatPrompt, GenerateRequest, Message, SamplingParams
-from node.config import NodeConfig, SimModelSpec
+from node.config import SimModelSpec
 from routing.prefix import block_hashes
-from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_sim_node
 
 MODEL = "sim-cache"
 # One token per byte in the simulated tokenizer: a ~1200-token shared system prompt.
@@ -31,15 +31,7 @@ def mesh(
     monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "128")
     monkeypatch.setenv("MLX_CACHE_MAX_SLOTS", "1")  # a second prefix evicts the first
     nodes = [
-        start_node(
-            NodeConfig(
-                grpc_port=0,
-                home=tmp_path / f"n{i}",
-                models_dir=tmp_path / f"n{i}" / "models",
-                scan_hf_cache=False,
-                sim_models=(SimModelSpec(MODEL, 20_000, 2000, 32768),),
-            )
-        )
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768))
         for i in range(3)
     ]
     coord = start_coordinator(
@@ -95,15 +87,7 @@ def test_round_robin_and_least_loaded_ignore_the_cache(
     monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "64")
     monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
     nodes = [
-        start_node(
-            NodeConfig(
-                grpc_port=0,
-                home=tmp_path / f"n{i}",
-                models_dir=tmp_path / f"n{i}" / "models",
-                scan_hf_cache=False,
-                sim_models=(SimModelSpec(MODEL, 20_000, 2000, 32768),),
-            )
-        )
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768))
         for i in range(2)
     ]
     coord = start_coordinator(
