@@ -61,6 +61,9 @@ bench: install
 	$(BIN)/python bench/node_decode.py
 	$(BIN)/python bench/coordinator_overhead.py --engine both
 	$(BIN)/python bench/gguf_overhead.py
+	$(BIN)/python bench/speculative.py --backend mlx
+	$(BIN)/python bench/speculative.py --backend gguf
+	$(BIN)/python bench/routing_decision.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
