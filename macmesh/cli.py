@@ -491,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"macmesh {__version__}")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-max-mb",
+        type=float,
+        metavar="MB",
+        help="when stdout/stderr append to a file (launchd), copy it to FILE.1 and truncate it "
+        "past MB (default: no bound)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("node", help="run a node agent (serves this Mac's models over gRPC)")
@@ -572,6 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_routing_args(q)
     q.set_defaults(func=cmd_bench_routing)
+
+    from macmesh.service import add_service_parser
+
+    add_service_parser(sub)
     return parser
 
 
@@ -581,6 +592,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.log_max_mb:
+        from macmesh.logbound import bound_log_streams
+
+        bound_log_streams(int(args.log_max_mb * 1_000_000))
     try:
         code: int = args.func(args)
     except AuthConfigError as exc:
