@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
-from coordinator.api import admin, anthropic, openai
+from coordinator.api import admin, anthropic, openai, prometheus
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.nodes import NodeRegistry
 from coordinator.peers import StaticPeers
 from coordinator.service import ChatService
@@ -23,11 +25,12 @@ from macmesh import __version__
 from mesh.auth import channel_credentials
 from mesh.discovery import Browser, Peer
 from mesh.errors import Unauthenticated
+from mesh.metrics import new_registry
 
 log = logging.getLogger(__name__)
 
-# Reachable without an API key: load balancers and launchd health checks.
-OPEN_PATHS = frozenset({"/", "/health"})
+# Reachable without an API key: load balancers, launchd health checks, Prometheus.
+OPEN_PATHS = frozenset({"/", "/health"}) | prometheus.OPEN_PATHS
 
 
 def _is_anthropic(request: Request) -> bool:
@@ -74,8 +77,16 @@ def _browser(config: CoordinatorConfig, registry: NodeRegistry) -> Browser:
     return Browser(found, lost, mesh=config.mesh, **where)  # type: ignore[arg-type]
 
 
-def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = None) -> FastAPI:
-    """Build the app; the lifespan starts and stops the node registry."""
+def create_app(
+    config: CoordinatorConfig,
+    *,
+    registry: NodeRegistry | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the app; the lifespan starts and stops the node registry.
+
+    `metrics_registry` None: a fresh one (with process metrics), served at /metrics.
+    """
     credentials = (
         channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         if config.tls_ca or config.tls_cert
@@ -83,7 +94,9 @@ def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = Non
     )
     registry = registry or NodeRegistry(secret=config.secret, credentials=credentials)
     settings = SettingsStore(config.home, default_model=config.default_model)
-    service = ChatService(registry, settings, policy=config.routing_policy)
+    metrics_registry = new_registry() if metrics_registry is None else metrics_registry
+    metrics = CoordinatorMetrics(metrics_registry, registry)
+    service = ChatService(registry, settings, policy=config.routing_policy, metrics=metrics)
     peers = StaticPeers(config.home, config.peers, registry)
 
     @asynccontextmanager
@@ -115,6 +128,7 @@ def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = Non
     app.state.peers = peers
     app.state.settings = settings
     app.state.service = service
+    app.state.metrics_registry = metrics_registry
 
     if config.api_keys:
 
@@ -141,4 +155,5 @@ def create_app(config: CoordinatorConfig, *, registry: NodeRegistry | None = Non
     app.include_router(anthropic.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(prometheus.router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -9,6 +10,16 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
+from prometheus_client import CollectorRegistry
+
+from coordinator.metrics import (
+    CLIENT_CLOSED,
+    OK,
+    SERVER_ERROR,
+    CoordinatorMetrics,
+    event_status,
+    status_of,
+)
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.settings import SettingsStore
 from mesh import errors
@@ -42,6 +53,8 @@ RENDER_MEMO = 256
 
 # Node-side failures worth another node, if no token reached the caller yet.
 _RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+# Finish reasons the APIs report as a server error.
+_FAILED = frozenset({FinishReason.ERROR, FinishReason.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +71,8 @@ class Prepared:
     # because llama-server renders it and parses tool calls/reasoning itself.
     chat: ChatPrompt | None = None
     decision: Decision | None = None
+    # time.perf_counter() when preparing began: latencies count from here.
+    received: float = 0.0
 
     @property
     def prompt_tokens(self) -> int:
@@ -86,10 +101,15 @@ class ChatService:
         settings: SettingsStore,
         *,
         policy: Policy | str = DEFAULT_POLICY,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
+        """`metrics` None: record into a registry of its own (nobody scrapes it)."""
         self.registry = registry
         self.settings = settings
         self.policy = Policy(policy)
+        self.metrics = (
+            CoordinatorMetrics(CollectorRegistry(), registry) if metrics is None else metrics
+        )
         self._round_robin = RoundRobin()
         # Recent renders by (model, chat): a conversation's count_tokens and its
         # request, or a client's retry, are tokenized once.
@@ -207,6 +227,7 @@ class ChatService:
         Any node with the model renders (one with it loaded first): the ids are
         the same everywhere, and the placement needs them.
         """
+        received = time.perf_counter()
         res = self.resolve(name)
         views = self.candidates(res)
         renderer = self._another(res, set())
@@ -229,7 +250,17 @@ class ChatService:
         if context and len(ids) >= context:
             raise PromptTooLong(len(ids), context)
         node, decision = self.place(res, ids, views, commit=commit)
-        return Prepared(res, node, decision.reason, ids, context, tools, chat, decision)
+        if commit:  # a real request, not a count
+            self.metrics.route(decision.reason)
+        return Prepared(res, node, decision.reason, ids, context, tools, chat, decision, received)
+
+    def rejected(self, api: str, name: str | None, err: MeshError) -> None:
+        """Count a request refused before generating (bad body, unknown model, no node)."""
+        res = None
+        if name is not None:
+            with contextlib.suppress(MeshError):
+                res = self.resolve(name)
+        self.metrics.request(api, res, status_of(err))
 
     async def _render(self, view: NodeView, model: str, chat: ChatPrompt) -> RenderedPrompt:
         key = (model, repr(chat))
@@ -306,28 +337,32 @@ class ChatService:
         )
 
     async def generate(
-        self, prepared: Prepared, params: SamplingParams, request_id: str = ""
+        self, prepared: Prepared, params: SamplingParams, request_id: str = "", *, api: str = ""
     ) -> AsyncGenerator[GenerateEvent, None]:
         """The node's event stream; closing it cancels the generation on the node.
 
         A node that fails before the first token (gone, shutting down, queue full)
         is retried on another node with the model; the caller sees one `Started`.
         After the first token a failure is final: it raises (the API turns it
-        into its error event).
+        into its error event). `api` labels the request in the metrics.
         """
-        sampling, policy_capped = self._sampling(prepared, params)
+        t0 = time.perf_counter()
+        received = prepared.received or t0
         request_id = request_id or f"req_{uuid.uuid4().hex[:16]}"
-        request = self._request_for(prepared, prepared.node, sampling, request_id)
+        sampling = params
         node: NodeView | None = prepared.node
         tried: set[str] = set()
         started = produced = False
-        t0 = time.perf_counter()
         outcome = "cancelled"
+        # Until the stream ends otherwise, the caller went away (closed it early).
+        status = CLIENT_CLOSED
         try:
+            sampling, policy_capped = self._sampling(prepared, params)
             while node is not None:
                 tried.add(node.target)
                 failure: MeshError | None = None
                 node.inflight += 1
+                ttft, e2e = self.metrics.latency(node.node_id, prepared.model)
                 request = self._request_for(prepared, node, sampling, request_id)
                 stream = node.client.generate(request)
                 try:
@@ -341,7 +376,9 @@ class ChatService:
                                 failure = errors.from_code(event.code, event.message)
                                 break
                             outcome = f"error {event.code}: {event.message}"
+                            status = event_status(event.code)
                         elif isinstance(event, Finish):
+                            e2e.observe(time.perf_counter() - received)
                             if policy_capped and event.reason is FinishReason.LENGTH:
                                 # Our cap, not the client's max_tokens, ended the answer: to
                                 # the client the turn is over. Reporting "max_tokens" makes
@@ -351,8 +388,11 @@ class ChatService:
                                 f"{event.reason.value}, {event.usage.completion_tokens} tokens "
                                 f"out, prefill {event.usage.prompt_seconds:.2f}s"
                             )
-                        else:
+                            if status == CLIENT_CLOSED:  # no error event came first
+                                status = SERVER_ERROR if event.reason in _FAILED else OK
+                        elif not produced:
                             produced = True
+                            ttft.observe(time.perf_counter() - received)
                         yield event
                 except (Unavailable, Overloaded) as err:
                     if produced:
@@ -365,12 +405,14 @@ class ChatService:
                     node.inflight -= 1
                     await stream.aclose()
                 if failure is None:
+                    if status == CLIENT_CLOSED:  # the node's stream ended without a finish
+                        status = SERVER_ERROR
                     return
                 failed = node
                 node = self._another(prepared.resolution, tried)
                 log.warning(
                     "%s: node %s failed before the first token (%s); %s",
-                    request.request_id,
+                    request_id,
                     failed.node_id,
                     failure.message,
                     f"retrying on {node.node_id}" if node else "no other node has the model",
@@ -378,11 +420,15 @@ class ChatService:
                 if node is None:
                     outcome = f"failed: {failure.message}"
                     raise failure
+        except MeshError as err:
+            status = status_of(err)
+            raise
         finally:
             res = prepared.resolution
+            self.metrics.request(api, res, status)
             log.info(
                 "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs",
-                request.request_id,
+                request_id,
                 res.requested,
                 res.model,
                 res.rule,

@@ -69,6 +69,12 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         "--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (0 = any free port)"
     )
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics HTTP port on --host (default: gRPC port + 1, i.e. 50152; "
+        "any free port with --grpc-port 0; 0 = any free port; -1 = off)",
+    )
+    p.add_argument(
         "--models-dir",
         type=Path,
         help="MLX model dirs and GGUF files (default $MACMESH_HOME/models)",
@@ -115,6 +121,13 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _metrics_port(args: argparse.Namespace) -> int | None:
+    port: int = args.metrics_port
+    if port is None:
+        port = args.grpc_port + 1 if args.grpc_port else 0
+    return None if port < 0 else port
+
+
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
@@ -127,6 +140,7 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
     return NodeConfig(
         host=args.host,
         grpc_port=args.grpc_port,
+        metrics_port=_metrics_port(args),
         home=macmesh_home(),
         models_dir=args.models_dir,
         scan_hf_cache=not args.no_hf_cache,

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import replace
 
+import prometheus_client
 import uvicorn
 
 from coordinator.app import create_app
@@ -48,6 +49,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def serve(node: NodeConfig | None, coordinator: CoordinatorConfig | None) -> None:
     """Start what is configured; on a signal stop the coordinator, then drain the node."""
+    # No `*_created` series beside every counter and histogram (vLLM does the same):
+    # Prometheus does not use them, and they double what the metric browser lists.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

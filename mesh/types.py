@@ -262,3 +262,5 @@ class NodeState:
     waiting: int = 0
     draining: bool = False
     cache: tuple[CachedPrefix, ...] = ()
+    # Prometheus /metrics port (plain HTTP, same host as gRPC); 0 = none.
+    metrics_port: int = 0

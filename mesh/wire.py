@@ -381,6 +381,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
             pb.CachedPrefix(model=c.model, block_size=c.block_size, block_hashes=c.block_hashes)
             for c in s.cache
         ],
+        metrics_port=s.metrics_port,
     )
 
 
@@ -415,4 +416,5 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
         waiting=msg.waiting,
         draining=msg.draining,
         cache=tuple(CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache),
+        metrics_port=msg.metrics_port,
     )

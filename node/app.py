@@ -7,11 +7,14 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from prometheus_client import CollectorRegistry
 
 from mesh.auth import AuthConfigError, server_credentials, server_interceptors
 from mesh.client import CHANNEL_OPTIONS
 from mesh.discovery import Announcement, Announcer
+from mesh.metrics import new_registry
 from node.config import NodeConfig
+from node.metrics import MetricsServer, NodeMetrics
 from node.rpc import NodeServicer
 from node.service import NodeCore
 from proto import node_pb2_grpc as pb_grpc
@@ -29,20 +32,24 @@ def is_loopback(host: str) -> bool:
 class NodeServer:
     """A started node. `start()` binds (port 0 picks a free port), `stop()` drains."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, *, metrics_registry: CollectorRegistry | None = None
+    ) -> None:
+        """`metrics_registry` None: a fresh one (with process metrics) for this node."""
         self.config = config
         self.core: NodeCore | None = None
         self.port = 0
+        self.metrics_registry = new_registry() if metrics_registry is None else metrics_registry
+        # The bound `/metrics` port once started (0 while none).
+        self.metrics_port = 0
+        self._metrics_server: MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._announcer: Announcer | None = None
 
     @property
     def address(self) -> str:
-        host = self.config.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self._host_port(self.port)
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port. Models in `preload` load first."""
@@ -53,7 +60,15 @@ class NodeServer:
                 "network could use this node. Run `macmesh init` (and copy "
                 "~/.macmesh/secret to every Mac) or set MACMESH_SECRET; --insecure overrides"
             )
-        self.core = NodeCore(config)
+        metrics = NodeMetrics(self.metrics_registry)
+        self.core = NodeCore(config, metrics=metrics)
+        metrics.watch(self.core)
+        if config.metrics_port is not None:
+            # Before gRPC: the first state a coordinator sees already names the port.
+            self._metrics_server = MetricsServer(
+                self.metrics_registry, config.host, config.metrics_port
+            )
+            self.metrics_port = self.core.metrics_port = await self._metrics_server.start()
         interceptors = server_interceptors(config.secret) if config.secret else None
         server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
         pb_grpc.add_NodeServicer_to_server(NodeServicer(self.core), server)
@@ -67,6 +82,7 @@ class NodeServer:
             else:
                 self.port = server.add_insecure_port(bind)
         except RuntimeError as exc:
+            await self._close_metrics()
             raise OSError(f"cannot listen on {bind}: {exc} (port in use?)") from exc
         await server.start()
         self._server = server
@@ -94,13 +110,27 @@ class NodeServer:
                 log.warning("Bonjour announcement failed (%s); reach this node by address", exc)
                 self._announcer = None
         log.info(
-            "node %s serving gRPC on %s (%s%s)",
+            "node %s serving gRPC on %s (%s%s)%s",
             self.core.node_id,
             self.address,
             "mesh secret" if config.secret else "OPEN: no mesh secret",
             ", TLS" if config.tls_cert else "",
+            f", metrics on http://{self._host_port(self.metrics_port)}/metrics"
+            if self._metrics_server
+            else "",
         )
         return self.port
+
+    def _host_port(self, port: int) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def _close_metrics(self) -> None:
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+            self._metrics_server = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight streams finish within `grace`, then exit."""
@@ -116,4 +146,6 @@ class NodeServer:
             # Streams the backend ended are flushed; anything left gets cut here.
             await self._server.stop(1.0)
             self._server = None
+        # Last: Prometheus sees the drain (macmesh_node_draining) until the end.
+        await self._close_metrics()
         log.info("node stopped")

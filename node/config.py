@@ -57,6 +57,8 @@ class NodeConfig:
 
     host: str = "127.0.0.1"
     grpc_port: int = DEFAULT_GRPC_PORT
+    # Prometheus `/metrics` over plain HTTP on `host`; 0 = any free port, None = off.
+    metrics_port: int | None = None
     home: Path = field(default_factory=macmesh_home)
     models_dir: Path | None = None
     # Also offer MLX models found in the Hugging Face cache.

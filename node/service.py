@@ -12,16 +12,19 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import psutil
+from prometheus_client import CollectorRegistry
 
 from macmesh import __version__
 from mesh.errors import ModelLoadError, Unavailable
 from mesh.types import (
     ChatPrompt,
+    ErrorEvent,
     Finish,
     GenerateEvent,
     GenerateRequest,
     Memory,
     ModelInfo,
+    ModelLoad,
     NodeState,
     RenderedPrompt,
     Started,
@@ -30,6 +33,7 @@ from node.backends.llamacpp import LlamaCppBackend
 from node.backends.mlx import MLXBackend
 from node.backends.sim import SimBackend
 from node.config import NodeConfig
+from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -65,9 +69,15 @@ def framework_memory() -> int:
 class NodeCore:
     """What the gRPC servicer calls; owns the backends and the node's state."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, metrics: NodeMetrics | None = None) -> None:
+        """`metrics` None: record into a registry of its own (nobody scrapes it)."""
         self.config = config
         self.node_id = load_or_create_node_id(config.home)
+        self.metrics = NodeMetrics(CollectorRegistry()) if metrics is None else metrics
+        # Reported in the state so coordinators can list it for Prometheus (0 = none).
+        self.metrics_port = 0
+        # Model id -> seconds its latest load took (`macmesh_model_load_seconds`).
+        self.load_seconds: dict[str, float] = {}
         self.catalog = Catalog(
             config.resolved_models_dir,
             hf_cache=config.scan_hf_cache,
@@ -87,6 +97,8 @@ class NodeCore:
             if config.sim_models
             else None
         )
+        if self.sim is not None:
+            self.load_seconds.update(dict.fromkeys(self.sim.specs, 0.0))
         self.draining = False
         self._sequence = 0
         self._changed = asyncio.Event()
@@ -114,9 +126,26 @@ class NodeCore:
         out: list[MLXBackend | LlamaCppBackend | SimBackend] = [self.mlx, self.gguf]
         return out if self.sim is None else [*out, self.sim]
 
-    def snapshot(self) -> NodeState:
+    def memory(self) -> Memory:
+        """The machine's memory now, and what MLX holds."""
         vm = psutil.virtual_memory()
-        load = [x for b in self._backends() for x in b.load_stats()]
+        return Memory(
+            total_bytes=vm.total,
+            used_bytes=vm.total - vm.available,
+            available_bytes=vm.available,
+            framework_bytes=framework_memory(),
+        )
+
+    def load_stats(self) -> list[ModelLoad]:
+        """Queue depth and measured speeds of every loaded model."""
+        return [x for b in self._backends() for x in b.load_stats()]
+
+    def loaded_models(self) -> list[ModelInfo]:
+        """The models loaded now (no catalog scan)."""
+        loaded = [*self.mlx.loaded().values(), *self.gguf.loaded().values()]
+        return loaded if self.sim is None else [*loaded, *self.sim.loaded().values()]
+
+    def snapshot(self) -> NodeState:
         self._sequence += 1
         return NodeState(
             node_id=self.node_id,
@@ -124,17 +153,13 @@ class NodeCore:
             sequence=self._sequence,
             timestamp=time.time(),
             models=tuple(self.list_models(refresh=False)),
-            memory=Memory(
-                total_bytes=vm.total,
-                used_bytes=vm.total - vm.available,
-                available_bytes=vm.available,
-                framework_bytes=framework_memory(),
-            ),
-            load=tuple(load),
+            memory=self.memory(),
+            load=tuple(self.load_stats()),
             running=sum(b.running for b in self._backends()),
             waiting=sum(b.waiting for b in self._backends()),
             draining=self.draining,
             cache=tuple(c for b in self._backends() for c in b.cache_state()),
+            metrics_port=self.metrics_port,
         )
 
     # ---------- models ----------
@@ -177,15 +202,21 @@ class NodeCore:
         return self.mlx
 
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:
-        result = await self._backend_for(model_id).load(model_id)
+        backend = self._backend_for(model_id)
+        was_loaded = model_id in backend.loaded()
+        info, seconds = await backend.load(model_id)
+        if not was_loaded:
+            self.load_seconds[info.id] = seconds
         self.notify()
-        return result
+        return info, seconds
 
     async def unload(self, model_id: str) -> bool:
         if self.sim is not None and model_id in self.sim.specs:
             return False
         backend = self._backend_for(model_id)
         was = await backend.unload(model_id)
+        if was:
+            self.load_seconds.pop(model_id, None)
         self.notify()
         return was
 
@@ -196,18 +227,38 @@ class NodeCore:
         return await self._backend_for(model_id).tokenize(model_id, text, add_special_tokens)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
-        """The backend's stream, with state notifications at start and end."""
+        """The backend's stream, with state notifications at start and end, and metrics."""
+        arrived = time.perf_counter()
         if self.draining:
             raise Unavailable("the node is shutting down")
         backend = self._backend_for(request.model)
         stream = backend.generate(request)
+        rec: RequestMetrics | None = None
         try:
             async for event in stream:
                 if isinstance(event, Started | Finish):
                     self.notify()
+                    if isinstance(event, Started):
+                        rec = self._accepted(event, arrived)
+                    elif rec is not None:
+                        rec.finish = event
+                elif rec is not None and not isinstance(event, ErrorEvent):
+                    rec.output()
                 yield event
         finally:
             await stream.aclose()
+            # After the last event went out: observing costs the caller nothing.
+            if rec is not None:
+                rec.close()
+
+    def _accepted(self, started: Started, arrived: float) -> RequestMetrics:
+        """A request the backend took: its metrics, bound to the model's real id."""
+        if started.model not in self.load_seconds:
+            # Loaded by this request (Generate loads on first use): arrival to queued.
+            self.load_seconds[started.model] = time.perf_counter() - arrived
+        rec = self.metrics.request(started.model, arrived)
+        rec.prompt_tokens = started.prompt_tokens
+        return rec
 
     async def preload(self) -> None:
         for model_id in self.config.preload:

@@ -935,6 +935,7 @@ class NodeState(_message.Message):
     WAITING_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
+    METRICS_PORT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     version: _builtins.str
     sequence: _builtins.int
@@ -942,6 +943,10 @@ class NodeState(_message.Message):
     running: _builtins.int
     waiting: _builtins.int
     draining: _builtins.bool
+    metrics_port: _builtins.int
+    """The node's Prometheus /metrics HTTP port on the host the coordinator reached
+    it at; 0 = no metrics endpoint.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
     @_builtins.property
@@ -968,10 +973,11 @@ class NodeState(_message.Message):
         waiting: _builtins.int = ...,
         draining: _builtins.bool = ...,
         cache: _abc.Iterable[Global___CachedPrefix] | None = ...,
+        metrics_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "metrics_port", b"metrics_port", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

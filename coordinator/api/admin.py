@@ -175,6 +175,7 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
         out.update(
             version=state.version,
             draining=state.draining,
+            metrics_port=state.metrics_port or None,
             running=state.running,
             waiting=state.waiting,
             memory={

@@ -267,11 +267,14 @@ async def _parse(request: Request, model: type[R]) -> R:
 async def create_message(request: Request) -> Response:
     """Anthropic Messages, streaming (`stream: true`) or not."""
     service = _service(request)
+    name: str | None = None
     try:
         body = await _parse(request, MessagesRequest)
+        name = body.model
         params = to_sampling(body)
         prepared = await service.prepare(body.model, to_chat_prompt(body))
     except errors.MeshError as err:
+        service.rejected("anthropic", name, err)
         return anthropic_error(err)
     message_id = new_message_id()
     # The client's model name, as Anthropic does; x-macmesh-model says what answered.
@@ -279,7 +282,7 @@ async def create_message(request: Request) -> Response:
         message_id=message_id, model=body.model, input_tokens=prepared.prompt_tokens
     )
     headers = {**prepared.headers, "request-id": message_id}
-    events = service.generate(prepared, params, request_id=message_id)
+    events = service.generate(prepared, params, request_id=message_id, api="anthropic")
     handed_off = False
     try:
         # `Started` comes once the node has queued the request, before prefill, so a

@@ -277,10 +277,13 @@ def _param(err: errors.MeshError, prompt_field: str) -> str | None:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     """Chat completions, streaming (SSE) or not."""
+    name: str | None = None
     try:
         req = await parse_body(request, ChatCompletionRequest)
+        name = req.model
         prompt, params = to_chat(req)
     except errors.MeshError as err:
+        _service(request).rejected("openai", name, err)
         return _error(err)
     return await _complete(request, req.model, prompt, params, req.stream, req.include_usage)
 
@@ -288,10 +291,13 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     """Legacy text completions: the prompt is tokenized as is, no chat template."""
+    name: str | None = None
     try:
         req = await parse_body(request, CompletionRequest)
+        name = req.model
         prompt, params = to_completion(req)
     except errors.MeshError as err:
+        _service(request).rejected("openai", name, err)
         return _error(err)
     return await _complete(request, req.model, prompt, params, req.stream, req.include_usage)
 
@@ -309,12 +315,13 @@ async def _complete(
     try:
         prepared = await service.prepare(model, prompt)
     except errors.MeshError as err:
+        service.rejected("openai", model, err)
         return _error(err, param=_param(err, "messages" if chat else "prompt"))
     headers = prepared.headers
     meta = ResponseMeta(
         f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model
     )
-    events = service.generate(prepared, params, request_id=meta.id)
+    events = service.generate(prepared, params, request_id=meta.id, api="openai")
     handed_off = False
     try:
         # `Started` comes once the node has queued the request, before prefill, so
