@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -199,14 +198,19 @@ def find_llama_server(configured: str | None, *, config_file: Path | None = None
     )
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: on Linux, get SIGKILL when the node dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _with_parent_death(cmd: list[str]) -> list[str]:
+    """On Linux, `cmd` run so that it gets SIGKILL when the node dies.
 
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    `setpriv --pdeathsig` (util-linux) sets PR_SET_PDEATHSIG and execs the
+    command. Not a `preexec_fn`: Python code between fork and exec in a
+    process with gRPC's threads can deadlock or crash the child. Without
+    setpriv (or off Linux) a server a killed node leaves behind is reaped by
+    the next node start (its pid file).
+    """
+    if not sys.platform.startswith("linux"):
+        return cmd
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
 
 
 def _port_free(port: int) -> bool:
@@ -450,12 +454,11 @@ class LlamaServer:
             logf.flush()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *cmd,
+                    *_with_parent_death(cmd),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,  # a terminal's Ctrl-C reaches the node, not it
-                    preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
                 raise LlamaServerError(f"cannot run {binary}: {exc}") from None
