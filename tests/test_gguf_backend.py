@@ -414,3 +414,45 @@ async def test_the_same_long_prompt_again_is_served_from_the_prompt_cache(
     assert cold_fin.usage.prompt_tokens > 600 and cold_fin.usage.cached_prompt_tokens < 100
     assert warm_fin.usage.cached_prompt_tokens >= warm_fin.usage.prompt_tokens - 1
     assert warm <= 0.1 * cold, (warm, cold)
+
+
+async def test_a_second_question_waits_for_the_warm_slot_and_keeps_the_other_prefix(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Two slots hold prefixes A and B; two questions on A at once both reuse A's slot
+    (the second waits a few tokens of decode) instead of the second evicting B.
+
+    llama-server's host-RAM prompt cache is off (`--cache-ram 0`): it would restore an
+    evicted prefix and hide where each request went.
+    """
+    node = _node(
+        models_dir, tmp_path / "home", {"parallel": 2, "default_args": ["--cache-ram", "0"]}
+    )
+    try:
+        async with NodeClient(node.target, timeout=120) as client:
+
+            def chat(topic: str, question: str) -> GenerateRequest:
+                system = f"Log of the {topic}: " + f"the {topic} was checked and noted. " * 60
+                prompt = ChatPrompt((Message("system", system), Message("user", question)))
+                return GenerateRequest(
+                    model=GGUF,
+                    prompt=prompt,
+                    sampling=SamplingParams(temperature=0.0, max_tokens=4),
+                )
+
+            async def usage(req: GenerateRequest) -> tuple[int, int]:
+                fin = finish_of(await collect(client, req))
+                return fin.usage.prompt_tokens, fin.usage.cached_prompt_tokens
+
+            a1 = await usage(chat("lighthouse", "First question?"))
+            b1 = await usage(chat("harbour", "First question?"))
+            assert a1[0] > 400 and a1[1] < 100 and b1[1] < 100
+            a2, a3 = await asyncio.gather(
+                usage(chat("lighthouse", "Second question?")),
+                usage(chat("lighthouse", "Third one?")),
+            )
+            assert a2[1] > 400 and a3[1] > 400, (a2, a3)  # both reused A's slot
+            b2 = await usage(chat("harbour", "Second question?"))
+            assert b2[1] > 400, b2  # B's slot was not taken
+    finally:
+        node.stop()

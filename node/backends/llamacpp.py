@@ -55,7 +55,6 @@ from node.backends.chat_template import (
     FALLBACK_TOOL_START,
     build_template_input,
 )
-from node.backends.llamacpp_cache import SlotTracker
 from node.backends.llamacpp_server import (
     GGUFSettings,
     LlamaServer,
@@ -63,6 +62,7 @@ from node.backends.llamacpp_server import (
     ServerSpec,
     reap_orphans,
 )
+from node.backends.llamacpp_slots import PromptKey, SlotScheduler, Ticket
 from node.backends.llamacpp_wire import (
     FINISH,
     StreamRun,
@@ -108,12 +108,11 @@ class LlamaCppBackend:
         self.max_waiting = max_waiting
         self._on_change = on_change or (lambda: None)
         self._servers: dict[tuple[str, str], LlamaServer] = {}
-        self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._parallel: dict[tuple[str, str], int] = {}
         self._stats: dict[str, ModelStats] = {}
         self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
-        # Per server: (its start time, the modelled prompt-cache contents).
-        self._caches: dict[tuple[str, str], tuple[float, SlotTracker]] = {}
+        # Per server: (its start time, its slots as the node assigned them).
+        self._schedulers: dict[tuple[str, str], tuple[float, SlotScheduler]] = {}
         self.block_size = _block_size()
         self._closing = False
         reaped = reap_orphans(home / "run")
@@ -167,7 +166,6 @@ class LlamaCppBackend:
                 ServerSpec(mid, path, did, dpath), self.home, on_change=self._on_change
             )
             self._servers[key] = server
-            self._slots[key] = asyncio.Semaphore(settings.parallel)
             self._parallel[key] = settings.parallel
             self._stats.setdefault(mid, ModelStats())
         return server
@@ -233,9 +231,8 @@ class LlamaCppBackend:
         was = any(self._servers[k].healthy for k in keys)
         for key in keys:
             await self._servers.pop(key).stop()
-            self._slots.pop(key, None)
             self._parallel.pop(key, None)
-            self._caches.pop(key, None)
+            self._schedulers.pop(key, None)
         self._stats.pop(model_id, None)
         return was
 
@@ -277,11 +274,19 @@ class LlamaCppBackend:
                 body["grammar"] = tool_call_grammar([t.name for t in chat.tools])
         return body, not native
 
+    def _memo_key(self, server: LlamaServer, body: dict[str, Any]) -> tuple[Any, ...]:
+        return (server.spec.key, server.started_at, json.dumps(body, sort_keys=True))
+
+    def _remembered(self, server: LlamaServer, chat: ChatPrompt) -> list[int] | None:
+        """The chat's ids if it was rendered lately (a coordinator's RenderPrompt)."""
+        hit = self._renders.get(self._memo_key(server, self._chat_body(server, chat)[0]))
+        return hit[0] if hit is not None else None
+
     async def _render_ids(self, server: LlamaServer, chat: ChatPrompt) -> tuple[list[int], str]:
         body, _ = self._chat_body(server, chat)
         # A coordinator renders (RenderPrompt) right before it generates the same chat:
         # remembering the result spares llama-server the second count.
-        key = (server.spec.key, server.started_at, json.dumps(body, sort_keys=True))
+        key = self._memo_key(server, body)
         hit = self._renders.get(key)
         if hit is not None:
             self._renders.move_to_end(key)
@@ -319,11 +324,13 @@ class LlamaCppBackend:
     # ---------- generation ----------
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
-        """Count, queue for a slot, then stream llama-server's output.
+        """Count, take a slot (llamacpp_slots), then stream llama-server's output.
 
         A chat's count (`/apply-template` + `/tokenize`) runs while llama-server
-        already prefills it when a slot is free, so it costs no time to first
-        token; `Started` (which carries the count) still comes first.
+        already prefills it when a slot is free at once, so it costs no time to
+        first token; `Started` (which carries the count) still comes first.
+        Until counted (unless a coordinator's render is remembered), a chat is
+        matched to a slot by its messages.
         """
         sampling = resolve_sampling(request.sampling, self.defaults)
         server = await self._ready(request.model, request.draft_model)
@@ -335,6 +342,8 @@ class LlamaCppBackend:
         if isinstance(prompt, ChatPrompt):
             endpoint = "/v1/chat/completions"
             body, fallback_tools = self._chat_body(server, prompt)
+            known = self._remembered(server, prompt)
+            pkey = PromptKey.of_chat_body(body, known)
             count = asyncio.create_task(self._render_ids(server, prompt))
             ids: list[int] = []
         else:
@@ -346,15 +355,14 @@ class LlamaCppBackend:
             else:
                 ids = list(prompt.ids)
             body = {"prompt": ids}
+            pkey = PromptKey(tuple(ids))
             self._check_length(ids, n_ctx)
         if n_ctx:
             # Chats are counted in parallel: llama-server stops at the end of the context.
             room = n_ctx - len(ids) if ids else n_ctx
             sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
         body.update(sampling_body(sampling, chat=count is not None))
-        key = server.spec.key
         stats = self._stats.setdefault(server.spec.model_id, ModelStats())
-        slots = self._slots[key]
         if stats.waiting >= self.max_waiting:
             if count is not None:
                 count.cancel()
@@ -371,49 +379,52 @@ class LlamaCppBackend:
         events: asyncio.Queue[GenerateEvent | _StreamFailed | None] = asyncio.Queue()
         producer: asyncio.Task[None] | None = None
         enqueued = started = time.perf_counter()
-        position = max(0, stats.running + stats.waiting - self._parallel[key] + 1)
+        sched = self._scheduler(server)
+        position = sched.waiting
         stats.waiting += 1
-        acquired = queued = prefilled = running = False
+        ticket: Ticket | None = None
+        queued = prefilled = running = failed = False
+
+        def send(t: Ticket) -> asyncio.Task[None]:
+            assert t.slot is not None
+            sched.sent(t)
+            return asyncio.create_task(
+                self._produce(server, endpoint, {**body, "id_slot": t.slot.id}, parser, run, events)
+            )
+
         try:
-            if not slots.locked():  # a free slot: start generating while counting
-                await slots.acquire()
-                acquired = True
-                producer = asyncio.create_task(
-                    self._produce(server, endpoint, body, parser, run, events)
-                )
+            ticket = sched.request(pkey, sampling.max_tokens)
+            if ticket.slot is not None:  # a slot for it now: generate while counting
+                producer = send(ticket)
             if count is not None:
                 ids = (await count)[0]
                 self._check_length(ids, n_ctx)
+                sched.refine(ticket, ids)
             stats.queued_prefill_tokens += len(ids)
             queued = True
-            # The slot holds this prompt from now on: say so before it even finishes.
-            tracker = self._tracker(server)
-            tracker.record(ids, tracker.predicted(ids))
-            self._on_change()
             yield Started(
                 request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",
                 model=server.spec.model_id,
                 prompt_tokens=len(ids),
-                queue_position=0 if acquired else position,
+                queue_position=0 if producer is not None else position + 1,
             )
-            if not acquired:
-                await slots.acquire()
-                acquired = True
+            if producer is None:
+                await sched.wait(ticket)
                 started = time.perf_counter()
-                producer = asyncio.create_task(
-                    self._produce(server, endpoint, body, parser, run, events)
-                )
+                producer = send(ticket)
             stats.waiting -= 1
             stats.running += 1
             running = True
             reason = FinishReason.ERROR
             while (item := await events.get()) is not None:
                 if isinstance(item, _StreamFailed):
+                    failed = True
                     yield ErrorEvent(item.code, item.message)
                     break
                 if not prefilled:
-                    prefilled = True
+                    prefilled = ticket.prefilled = True
                     stats.queued_prefill_tokens -= len(ids)
+                ticket.produced += 1
                 yield item
             else:
                 for event in parser.finish():
@@ -425,9 +436,13 @@ class LlamaCppBackend:
                     if parser.tool_calls:
                         reason = FinishReason.TOOL_CALLS
             usage = usage_of(run, len(ids), started - enqueued)
-            if reason is not FinishReason.ERROR and ids:
-                self._tracker(server).record(ids, usage.cached_prompt_tokens)
             if reason is not FinishReason.ERROR:
+                sched.release(
+                    ticket,
+                    ids=ids,
+                    cached=usage.cached_prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                )
                 stats.observe(
                     usage.prompt_tokens - usage.cached_prompt_tokens,
                     usage.prompt_seconds,
@@ -446,8 +461,9 @@ class LlamaCppBackend:
                     task.cancel()
             if producer is not None:
                 await asyncio.gather(producer, return_exceptions=True)
-            if acquired:
-                slots.release()
+            if ticket is not None:
+                # No-op after a clean release; a cut or failed stream leaves the slot unknown.
+                sched.release(ticket, ids=ids or None, failed=failed or not prefilled)
             if running:
                 stats.running -= 1
             else:
@@ -522,23 +538,30 @@ class LlamaCppBackend:
 
     # ---------- state ----------
 
-    def _tracker(self, server: LlamaServer) -> SlotTracker:
+    def _scheduler(self, server: LlamaServer) -> SlotScheduler:
         key = server.spec.key
-        known = self._caches.get(key)
-        if known is None or known[0] != server.started_at:  # new, or restarted: empty cache
-            tracker = SlotTracker(server.spec.model_id, self._parallel[key], self.block_size)
-            self._caches[key] = (server.started_at, tracker)
-            return tracker
+        known = self._schedulers.get(key)
+        if known is None or known[0] != server.started_at:  # new, or restarted: empty slots
+            stats = self._stats.setdefault(server.spec.model_id, ModelStats())
+            sched = SlotScheduler(
+                server.spec.model_id,
+                self._parallel[key],
+                block_size=self.block_size,
+                rates=lambda: (stats.prefill_tps, stats.decode_tps),
+                on_change=self._on_change,
+            )
+            self._schedulers[key] = (server.started_at, sched)
+            return sched
         return known[1]
 
     def cache_state(self) -> list[CachedPrefix]:
         """Block hashes of the prompts llama-server's slots hold, per model."""
         out: dict[str, dict[int, None]] = {}
-        for key, (started_at, tracker) in self._caches.items():
+        for key, (started_at, sched) in self._schedulers.items():
             server = self._servers.get(key)
             if server is None or not server.healthy or server.started_at != started_at:
                 continue
-            out.setdefault(key[0], {}).update(dict.fromkeys(tracker.hashes()))
+            out.setdefault(key[0], {}).update(dict.fromkeys(sched.hashes()))
         return [CachedPrefix(m, self.block_size, tuple(h)) for m, h in out.items() if h]
 
     def load_stats(self) -> list[ModelLoad]:
