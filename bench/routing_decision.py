@@ -191,14 +191,28 @@ def build(
 
 
 def decide(setup: Setup, q: int, snap: int, now: float, policy: str, rr: RoundRobin) -> Decision:
-    """One routing decision: index lookup, candidates, policy (what the timed loop times)."""
+    """One routing decision: index lookup, candidates, policy (what the timed loop times).
+
+    As `ChatService.place` does it: the prompt's leading cached blocks per node and
+    every node's cache occupancy (for a prefix nobody holds), then `choose`.
+    """
     counts = setup.index.cached_blocks(setup.queries[q][1], now, setup.block_size)
+    occupancy = setup.index.occupancy(now)
     bs = setup.block_size
+    first = setup.queries[q][1][:1]
     cands = [
-        Candidate(node_id=n, loaded=True, cached_tokens=counts.get(n, 0) * bs, **load)
+        Candidate(
+            node_id=n,
+            loaded=True,
+            cached_tokens=counts.get(n, 0) * bs,
+            cache_blocks=occupancy.get(n, 0),
+            **load,
+        )
         for n, load in zip(setup.nodes, setup.loads[snap], strict=True)
     ]
-    return choose(cands, setup.prompt_tokens, policy, round_robin=rr)
+    return choose(
+        cands, setup.prompt_tokens, policy, round_robin=rr, affinity=first[0] if first else 1
+    )
 
 
 def check(setup: Setup, now: float = 0.0) -> list[str]:

@@ -38,6 +38,9 @@ class NodeView:
     error: str = ""
     # Streams this coordinator has open there (load before the next state push).
     inflight: int = 0
+    # Uncached prompt tokens of those streams not yet past their first token: prefill
+    # work there that the node's own report may not show yet.
+    inflight_prefill: int = 0
     # Failed mutual authentication: never routed to, shown as rejected.
     rejected: bool = False
     # Found by Bonjour (vs a static peer): removed when it says goodbye.

@@ -169,7 +169,7 @@ class ChatService:
             for target, blocks in index.cached_blocks(hashes, now, size).items():
                 cached[target] = max(cached.get(target, 0), blocks * size)
         by_target = {v.target: v for v in views}
-        occupancy = index.stats().nodes
+        occupancy = index.occupancy(now)
         # Prompts that begin alike go to the same node even before any node reports them.
         first = min(hashes_by_size.items())[1][:1] if hashes_by_size else []
         affinity = first[0] if first else hash(tuple(ids)) & 0xFFFFFFFFFFFF
@@ -203,7 +203,10 @@ class ChatService:
             loaded=info is not None and info.loaded,
             prefill_tps=load.prefill_tokens_per_second if load else 0.0,
             decode_tps=load.decode_tokens_per_second if load else 0.0,
-            queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
+            # Ours until its report shows them (a burst is placed within milliseconds).
+            queued_prefill_tokens=max(
+                load.queued_prefill_tokens if load else 0, view.inflight_prefill
+            ),
             # Our own open streams count until the node's next state shows them.
             running=max(load.running if load else 0, view.inflight),
             waiting=load.waiting if load else 0,
@@ -362,6 +365,13 @@ class ChatService:
                 tried.add(node.target)
                 failure: MeshError | None = None
                 node.inflight += 1
+                # The placement's estimate of what it prefills there (all of it on a retry).
+                decided = prepared.decision
+                cached = (
+                    decided.cached_tokens if decided is not None and node is prepared.node else 0
+                )
+                prefill = max(prepared.prompt_tokens - cached, 0)
+                node.inflight_prefill += prefill
                 ttft, e2e = self.metrics.latency(node.node_id, prepared.model)
                 request = self._request_for(prepared, node, sampling, request_id)
                 stream = node.client.generate(request)
@@ -392,6 +402,8 @@ class ChatService:
                                 status = SERVER_ERROR if event.reason in _FAILED else OK
                         elif not produced:
                             produced = True
+                            node.inflight_prefill -= prefill
+                            prefill = 0
                             ttft.observe(time.perf_counter() - received)
                         yield event
                 except (Unavailable, Overloaded) as err:
@@ -403,6 +415,7 @@ class ChatService:
                     failure = err
                 finally:
                     node.inflight -= 1
+                    node.inflight_prefill -= prefill
                     await stream.aclose()
                 if failure is None:
                     if status == CLIENT_CLOSED:  # the node's stream ended without a finish

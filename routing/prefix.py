@@ -297,6 +297,24 @@ class PrefixIndex:
             block_sizes=self.block_sizes(),
         )
 
+    def occupancy(self, now: float) -> dict[str, int]:
+        """Per node, blocks it holds: reported plus provisional (not yet reported).
+
+        How full its caches look to placement: a new prefix goes where it
+        displaces the least, and a prefix placed a moment ago counts there
+        before the node says so. Expires provisional entries first.
+        """
+        if self._expiry and self._expiry[0][0] <= now:
+            self.expire(now)
+        out: dict[str, int] = {}
+        for name, slot in sorted(self._slot.items()):
+            held = self._held.get(slot, {})
+            prov = self._prov_until.get(slot, {})
+            # A provisional entry the node has since reported is counted once.
+            extra = sum(1 for (size, h) in prov if h not in held.get(size, ()))
+            out[name] = sum(len(hs) for hs in held.values()) + extra
+        return out
+
     def __len__(self) -> int:
         """Distinct reported hashes, all block sizes together."""
         return sum(len(d) for d in self._reported.values())

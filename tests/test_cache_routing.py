@@ -81,6 +81,31 @@ def test_a_shared_prefix_follows_its_cache(
     assert other.headers["x-macmesh-route-reason"] in ("cold", "least-loaded")
 
 
+async def _ask_async(http: httpx.AsyncClient, system: str) -> httpx.Response:
+    body = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+    }
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def test_a_burst_of_new_prefixes_spreads_before_any_node_reports(
+    mesh: tuple[list[RunningNode], RunningCoordinator],
+) -> None:
+    """Placed within milliseconds, three cold prefixes still land on three nodes: the
+    coordinator counts its own requests' prefill and provisional entries as load."""
+    _, coord = mesh
+    async with httpx.AsyncClient(base_url=coord.base_url, timeout=30) as http:
+        got = await asyncio.gather(
+            *(_ask_async(http, f"Assistant number {i} of the guild. " * 40) for i in range(3))
+        )
+    assert [r.headers["x-macmesh-route-reason"] for r in got] == ["cold"] * 3
+    assert len({r.headers["x-macmesh-node"] for r in got}) == 3
+
+
 def test_round_robin_and_least_loaded_ignore_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

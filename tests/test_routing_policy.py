@@ -311,3 +311,23 @@ def test_a_new_prefix_goes_to_the_emptiest_cache() -> None:
         Candidate("n2", prefill_tps=400, decode_tps=150, cache_blocks=12),
     ]
     assert {choose(idle, 2000, affinity=a).node_id for a in range(1, 50)} == {"n1"}
+
+
+def test_a_miss_pays_for_the_prefix_it_copies() -> None:
+    """A warm node with work queued keeps its prefix's requests until the queue costs
+    more than the prefill a cold node would redo (and evict something else for)."""
+    cold = F("cold")
+    for queued, winner, reason in (
+        (1500, "warm", Reason.CACHE_HIT),  # TTFT 1.53 s vs 0.83 s, but 0.8 s of it is waste
+        (3000, "cold", Reason.LEAST_LOADED),  # 3.03 s vs 0.83 + 0.8 s
+    ):
+        warm = F("warm", cached_tokens=800, queued_prefill_tokens=queued)
+        d = choose([cold, warm], 830)
+        assert (d.node_id, d.reason) == (winner, reason.value)
+    # The decision still reports the plain TTFT estimate, not the score.
+    d = choose([cold, F("warm", cached_tokens=800, queued_prefill_tokens=1500)], 830)
+    assert d.ttft_s == pytest.approx((1500 + 30) / 1000)
+    # Without the waste term the idle cold node wins.
+    myopic = CostModel(waste_weight=0.0)
+    warm = F("warm", cached_tokens=800, queued_prefill_tokens=1500)
+    assert choose([cold, warm], 830, cost=myopic).node_id == "cold"

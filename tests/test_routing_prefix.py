@@ -241,3 +241,15 @@ def test_matches_a_reference_under_random_updates() -> None:
                 expected[n] = run
         assert idx.cached_blocks(query, now, BS) == expected, step
         assert idx.stats().nodes == {n: len(truth.get(n, ())) for n in sorted(idx.nodes())}
+
+
+def test_occupancy_counts_provisional_blocks_once() -> None:
+    idx = PrefixIndex()
+    a = block_hashes("m", list(range(1024)), 256)  # 4 blocks
+    b = block_hashes("m", list(range(5000, 5512)), 256)  # 2 blocks
+    idx.set_node("n1", [CachedPrefix("m", 256, tuple(a))])
+    idx.add_provisional("n2", b, expires_at=10.0, block_size=256)
+    assert idx.occupancy(now=0.0) == {"n1": 4, "n2": 2}
+    idx.add_provisional("n1", a[:2], expires_at=10.0, block_size=256)  # already reported
+    assert idx.occupancy(now=0.0)["n1"] == 4
+    assert idx.occupancy(now=11.0) == {"n1": 4, "n2": 0}  # expired

@@ -384,6 +384,7 @@ class LlamaCppBackend:
         stats.waiting += 1
         ticket: Ticket | None = None
         queued = prefilled = running = failed = False
+        uncached = 0
 
         def send(t: Ticket) -> asyncio.Task[None]:
             assert t.slot is not None
@@ -400,7 +401,10 @@ class LlamaCppBackend:
                 ids = (await count)[0]
                 self._check_length(ids, n_ctx)
                 sched.refine(ticket, ids)
-            stats.queued_prefill_tokens += len(ids)
+            # Work to prefill: what the slot (chosen, or likely) does not hold.
+            reuse = ticket.matched if ticket.slot is not None else sched.predicted(ticket.key)
+            uncached = max(len(ids) - reuse, 0)
+            stats.queued_prefill_tokens += uncached
             queued = True
             yield Started(
                 request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",
@@ -423,7 +427,7 @@ class LlamaCppBackend:
                     break
                 if not prefilled:
                     prefilled = ticket.prefilled = True
-                    stats.queued_prefill_tokens -= len(ids)
+                    stats.queued_prefill_tokens -= uncached
                 ticket.produced += 1
                 yield item
             else:
@@ -469,7 +473,7 @@ class LlamaCppBackend:
             else:
                 stats.waiting -= 1
             if queued and not prefilled:
-                stats.queued_prefill_tokens -= len(ids)
+                stats.queued_prefill_tokens -= uncached
             self._on_change()
 
     @staticmethod
