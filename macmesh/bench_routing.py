@@ -63,6 +63,7 @@ class RoutingBenchConfig:
     sim_rates: tuple[float, float] = DEFAULT_SIM_RATES
     sim_env: dict[str, str] = field(default_factory=dict)  # MLX_CACHE_* for the sim nodes
     sim_max_running: int = 4
+    gguf_slots: int = 2  # llama-server slots (--parallel) per --gguf node
     policies: tuple[str, ...] = POLICY_NAMES
     workloads: tuple[str, ...] = ("shared-prefix",)
     spec: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -173,12 +174,17 @@ def _sim_args(config: RoutingBenchConfig) -> list[str]:
     ]  # fmt: skip
 
 
-def _gguf_setup(home: Path) -> None:
-    """2 llama-server slots per node, without llama-server's extra RAM prompt cache
-    (so only the slots cache, as the routing model assumes)."""
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = {"parallel": 2, "default_args": ["--cache-ram", "0"]}
-    (home / "gguf_config.json").write_text(json.dumps(cfg))
+def _gguf_setup(slots: int, threads: int) -> Callable[[Path], None]:
+    """`slots` llama-server slots per node, without llama-server's extra RAM prompt
+    cache (so the slots are the whole cache, as the node reports it), `threads`
+    compute threads each."""
+
+    def setup(home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        cfg = {"parallel": slots, "threads": threads, "default_args": ["--cache-ram", "0"]}
+        (home / "gguf_config.json").write_text(json.dumps(cfg))
+
+    return setup
 
 
 @contextmanager
@@ -199,10 +205,22 @@ def mesh(config: RoutingBenchConfig, workdir: Path) -> Iterator[list[str]]:
             "node", "--grpc-port", "0", "--no-bonjour", "--no-hf-cache", "--no-default-model",
             "--models-dir", str(models_dir), "--preload", GGUF_MODEL,
         ]  # fmt: skip
-        with _children(config.gguf, args, workdir, {}, _gguf_setup) as addrs:
+        setup = _gguf_setup(config.gguf_slots, gguf_threads(config.gguf))
+        with _children(config.gguf, args, workdir, {}, setup) as addrs:
             yield addrs
     else:
         raise ValueError("no target: give nodes, sim or gguf")
+
+
+def gguf_threads(nodes: int) -> int:
+    """llama-server threads per node when `nodes` share this machine's cores.
+
+    llama.cpp's threads spin at barriers between ops; with more threads than
+    cores a thread that is not scheduled stalls every other one of its server.
+    Measured here: three servers with 2 threads each on 2 cores took ~3 s per
+    decoded token, against ~10 ms alone.
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, nodes))
 
 
 @contextmanager
@@ -467,6 +485,9 @@ def _run_on(config: RoutingBenchConfig, peers: list[str], workdir: Path) -> dict
         target.update(mode="sim", sim_rates=list(config.sim_rates), sim_env=config.sim_env)
     else:
         target["mode"] = "gguf" if config.gguf else "nodes"
+        if config.gguf:
+            target["llama_server_slots"] = config.gguf_slots
+            target["llama_server_threads"] = gguf_threads(config.gguf)
     return {
         "simulated": backend == "sim",
         "target": target,

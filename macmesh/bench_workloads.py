@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 
 WORKLOADS: tuple[str, ...] = ("shared-prefix", "multi-turn", "agent")
+# How the requests of one round (turn t of every session) are ordered.
+ORDERS: tuple[str, ...] = ("shuffled", "cyclic")
 
 _VOCAB = (
     "lamp", "keeper", "harbor", "signal", "tide", "fog", "beacon", "ledger", "storm", "rope",
@@ -60,6 +62,9 @@ class WorkloadSpec:
     max_tokens: int = 16
     chars_per_token: float = 1.0
     seed: int = 1234
+    # "shuffled": every round in a new random order; "cyclic": the same order every round
+    # (G clients taking turns: least-recently-used caches see their worst case).
+    order: str = "shuffled"
 
 
 def _words(rng: random.Random, tokens: int, cpt: float) -> str:
@@ -93,17 +98,30 @@ def _tools_prefix(rng: random.Random, tokens: int, cpt: float) -> str:
     return "".join(parts)[:n]
 
 
-def _interleave(per_session: list[list[BenchRequest]], rng: random.Random) -> list[BenchRequest]:
+def _interleave(
+    per_session: list[list[BenchRequest]], rng: random.Random, order: str = "shuffled"
+) -> list[BenchRequest]:
     """Round by round (turn t of every session), sessions shuffled within a round.
 
     The shuffle keeps the order from lining up with round-robin's node cycle
     (with G groups and N nodes, G a multiple of N, a fixed order would hand
-    round-robin perfect affinity by accident).
+    round-robin perfect affinity by accident). `order="cyclic"` keeps one
+    shuffled order for every round instead: with G not a multiple of N,
+    round-robin then shows each node all G sessions in turn, the
+    least-recently-used pattern that defeats a cache smaller than G.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order: one of {', '.join(ORDERS)}, not {order!r}")
     out: list[BenchRequest] = []
+    fixed = list(range(len(per_session)))
+    if order == "cyclic":
+        rng.shuffle(fixed)
     for t in range(max((len(s) for s in per_session), default=0)):
-        row = [s[t] for s in per_session if t < len(s)]
-        rng.shuffle(row)
+        if order == "cyclic":
+            row = [per_session[i][t] for i in fixed if t < len(per_session[i])]
+        else:
+            row = [s[t] for s in per_session if t < len(s)]
+            rng.shuffle(row)
         out.extend(row)
     return out
 
@@ -132,7 +150,7 @@ def shared_prefix(spec: WorkloadSpec, salt: str) -> list[BenchRequest]:
             reqs.append(BenchRequest(sid, 0, msgs, spec.max_tokens))
             sid += 1
         per_group.append(reqs)
-    return _interleave(per_group, random.Random(spec.seed + 1))
+    return _interleave(per_group, random.Random(spec.seed + 1), spec.order)
 
 
 def _conversation(
@@ -168,7 +186,7 @@ def multi_turn(spec: WorkloadSpec, salt: str) -> list[BenchRequest]:
             rng, spec.system_tokens, spec.chars_per_token
         )
         convs.append(_conversation(k, system, spec.turns, rng, spec, 0.0, "Message"))
-    return _interleave(convs, random.Random(spec.seed + 3))
+    return _interleave(convs, random.Random(spec.seed + 3), spec.order)
 
 
 def agent(spec: WorkloadSpec, salt: str) -> list[BenchRequest]:
@@ -179,7 +197,7 @@ def agent(spec: WorkloadSpec, salt: str) -> list[BenchRequest]:
         _conversation(s, prefix, spec.agent_turns, rng, spec, spec.pause_s, f"Session {s} result")
         for s in range(spec.sessions)
     ]
-    return _interleave(sessions, random.Random(spec.seed + 5))
+    return _interleave(sessions, random.Random(spec.seed + 5), spec.order)
 
 
 def build(name: str, spec: WorkloadSpec, salt: str) -> list[BenchRequest]:

@@ -417,12 +417,14 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         pause_s=args.pause,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        order=args.order,
         **({"chars_per_token": args.chars_per_token} if args.chars_per_token else {}),
     )
     config = RoutingBenchConfig(
         nodes=_csv(args.nodes or ""),
         sim=args.sim or 0,
         gguf=args.gguf or 0,
+        gguf_slots=args.gguf_slots,
         sim_rates=(prefill, decode),
         sim_env=sim_env,
         policies=policies,
@@ -438,7 +440,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
 
 def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
     from macmesh.bench_routing import DEFAULT_SIM_RATES
-    from macmesh.bench_workloads import WORKLOADS, WorkloadSpec
+    from macmesh.bench_workloads import ORDERS, WORKLOADS, WorkloadSpec
 
     d = WorkloadSpec()
     t = p.add_argument_group("target (one of)").add_mutually_exclusive_group(required=True)
@@ -457,6 +459,9 @@ def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sim-block-size", type=int, metavar="N", help="MLX_CACHE_BLOCK_SIZE")
     s.add_argument("--sim-min-reuse", type=int, metavar="N", help="MLX_CACHE_MIN_REUSE")
     s.add_argument("--sim-cache-tokens", type=int, metavar="N", help="MLX_CACHE_MAX_TOKENS")
+    p.add_argument(
+        "--gguf-slots", type=int, default=2, metavar="N", help="llama-server slots per --gguf node"
+    )
     p.add_argument(
         "--policies", default=",".join(POLICY_NAMES), help="comma list (default all three)"
     )
@@ -490,6 +495,12 @@ def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.pause_s,
         help="agent: seconds between turns (default %(default)s)",
+    )
+    w.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=d.order,
+        help="each round's request order: shuffled anew, or the same every round (cyclic)",
     )
     w.add_argument(
         "--chars-per-token",

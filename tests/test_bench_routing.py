@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from macmesh.bench_routing import (
     RoutingBenchConfig,
     Sample,
     compare,
+    gguf_threads,
     markdown,
     percentile,
     run_bench,
@@ -66,6 +68,30 @@ def test_workloads_are_deterministic_and_salted() -> None:
     agent = build("agent", TINY, "s")
     assert {r.messages[0]["content"] for r in agent} == {agent[0].messages[0]["content"]}
     assert all(r.pause_s == TINY.pause_s for r in agent if r.turn)
+
+
+def test_orders() -> None:
+    """`shuffled` reorders every round; `cyclic` keeps one order (G clients taking turns)."""
+
+    def groups(order: str) -> list[list[int]]:
+        reqs = build("shared-prefix", replace(TINY, order=order), "s")
+        per_round = [reqs[i : i + TINY.groups] for i in range(0, len(reqs), TINY.groups)]
+        return [[r.session // TINY.prompts_per_group for r in rnd] for rnd in per_round]
+
+    cyclic = groups("cyclic")
+    assert all(rnd == cyclic[0] for rnd in cyclic)
+    assert sorted(cyclic[0]) == list(range(TINY.groups))
+    shuffled = groups("shuffled")
+    assert all(sorted(rnd) == list(range(TINY.groups)) for rnd in shuffled)
+    assert len({tuple(rnd) for rnd in shuffled}) > 1
+    with pytest.raises(ValueError, match="order"):
+        build("shared-prefix", replace(TINY, order="sorted"), "s")
+
+
+def test_gguf_nodes_do_not_oversubscribe_the_cores() -> None:
+    assert gguf_threads(1) == (os.cpu_count() or 1)
+    assert gguf_threads(64) == 1
+    assert gguf_threads(3) * 3 <= max(3, os.cpu_count() or 1)
 
 
 def test_numbers() -> None:
