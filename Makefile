@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python bench/speculative.py --backend mlx
 	$(BIN)/python bench/speculative.py --backend gguf
 	$(BIN)/python bench/routing_decision.py
+	$(BIN)/python bench/prompt_cache.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -66,6 +66,7 @@ class ManagedProcess:
         exe: Sequence[str] = (),
         label: str = "",
         tail_on_exit: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.args = list(args)
@@ -75,13 +76,19 @@ class ManagedProcess:
         self.ready = ready
         self.label = label or name
         self.tail_on_exit = tail_on_exit
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._log: IO[bytes] | None = None
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MACMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.env,
+            "MACMESH_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+        }
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*self.exe, *self.args], stdout=subprocess.PIPE, stderr=self._log, env=env, text=True

@@ -277,16 +277,18 @@ class LlamaCppBackend:
     def _memo_key(self, server: LlamaServer, body: dict[str, Any]) -> tuple[Any, ...]:
         return (server.spec.key, server.started_at, json.dumps(body, sort_keys=True))
 
-    def _remembered(self, server: LlamaServer, chat: ChatPrompt) -> list[int] | None:
-        """The chat's ids if it was rendered lately (a coordinator's RenderPrompt)."""
-        hit = self._renders.get(self._memo_key(server, self._chat_body(server, chat)[0]))
-        return hit[0] if hit is not None else None
-
-    async def _render_ids(self, server: LlamaServer, chat: ChatPrompt) -> tuple[list[int], str]:
-        body, _ = self._chat_body(server, chat)
+    async def _render_ids(
+        self,
+        server: LlamaServer,
+        chat: ChatPrompt,
+        body: dict[str, Any] | None = None,
+        key: tuple[Any, ...] | None = None,
+    ) -> tuple[list[int], str]:
+        """`chat` rendered and counted by llama-server; `body`/`key` if already built."""
+        body = body if body is not None else self._chat_body(server, chat)[0]
         # A coordinator renders (RenderPrompt) right before it generates the same chat:
         # remembering the result spares llama-server the second count.
-        key = self._memo_key(server, body)
+        key = key if key is not None else self._memo_key(server, body)
         hit = self._renders.get(key)
         if hit is not None:
             self._renders.move_to_end(key)
@@ -342,9 +344,10 @@ class LlamaCppBackend:
         if isinstance(prompt, ChatPrompt):
             endpoint = "/v1/chat/completions"
             body, fallback_tools = self._chat_body(server, prompt)
-            known = self._remembered(server, prompt)
-            pkey = PromptKey.of_chat_body(body, known)
-            count = asyncio.create_task(self._render_ids(server, prompt))
+            memo = self._memo_key(server, body)
+            known = self._renders.get(memo)  # a coordinator's RenderPrompt, just before
+            pkey = PromptKey.of_chat_body(body, known[0] if known is not None else None)
+            count = asyncio.create_task(self._render_ids(server, prompt, dict(body), memo))
             ids: list[int] = []
         else:
             endpoint = "/completion"
