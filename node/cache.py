@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from routing.prefix import block_hashes
+from routing.prefix import block_hashes, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +249,6 @@ class ModelCache:
         return [s for s in self.slots if not s.in_use]
 
 
-def _leading_equal(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclass(frozen=True, slots=True)
 class _Match:
     slot: Slot
@@ -368,7 +360,7 @@ class PromptCaches:
         for slot in mc.slots:
             trimmable = can_trim(slot.cache)
             if trimmable:
-                reuse = min(_leading_equal(slot.hashes, hashes), max_blocks) * cfg.block_size
+                reuse = min(common_prefix(slot.hashes, hashes), max_blocks) * cfg.block_size
                 if reuse and slot.tokens[:reuse] != prompt[:reuse]:  # a hash collision
                     continue
             elif (

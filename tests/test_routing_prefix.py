@@ -7,7 +7,7 @@ import random
 import pytest
 
 from mesh.types import CachedPrefix
-from routing.prefix import DEFAULT_BLOCK_SIZE, PrefixIndex, block_hashes
+from routing.prefix import DEFAULT_BLOCK_SIZE, PrefixIndex, block_hashes, common_prefix
 
 BS = 4  # small blocks keep the tables readable
 TOKENS = list(range(100, 132))  # 8 blocks of 4
@@ -253,3 +253,12 @@ def test_occupancy_counts_provisional_blocks_once() -> None:
     idx.add_provisional("n1", a[:2], expires_at=10.0, block_size=256)  # already reported
     assert idx.occupancy(now=0.0)["n1"] == 4
     assert idx.occupancy(now=11.0) == {"n1": 4, "n2": 0}  # expired
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 1000, 5000])
+def test_common_prefix(n: int) -> None:
+    base = list(range(6000))
+    other = [*base[:n], -1, *base[n + 1 :]]
+    assert common_prefix(base, other) == n
+    assert common_prefix(tuple(base), other) == n  # a tuple against a list, too
+    assert common_prefix(base[:n], base) == n

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
+from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,6 @@ DEFAULT_DECODE_TPS = 30.0
 # Expected output when nothing has finished yet and the request sets no lower cap.
 DEFAULT_COMPLETION_TOKENS = 256
 _EMA = 0.2
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(frozen=True, slots=True)
