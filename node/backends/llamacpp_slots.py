@@ -130,7 +130,6 @@ class Ticket:
 
     key: PromptKey
     max_tokens: int
-    seq: int
     arrived: float
     slot: Slot | None = None
     matched: int = 0  # tokens the chosen slot was expected to reuse
@@ -166,7 +165,6 @@ class SlotScheduler:
         self._rates = rates or (lambda: (0.0, 0.0))
         self._on_change = on_change or (lambda: None)
         self._queue: list[Ticket] = []
-        self._seq = itertools.count()
         self._clock = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self.avg_completion = 0.0
@@ -176,7 +174,7 @@ class SlotScheduler:
 
     def request(self, key: PromptKey, max_tokens: int) -> Ticket:
         """Queue a request; its `slot` is set at once when one is free for it."""
-        t = Ticket(key, max_tokens, next(self._seq), time.monotonic())
+        t = Ticket(key, max_tokens, time.monotonic())
         self._queue.append(t)
         self._dispatch()
         return t
