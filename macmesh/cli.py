@@ -288,15 +288,24 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.backends.llamacpp_server import GGUFSettings, LlamaServerError
     from node.models.catalog import Catalog
+    from node.models.named import NamedPaths
 
     home = macmesh_home()
+    try:
+        gguf_dirs = GGUFSettings.load(home).model_dirs
+    except LlamaServerError as exc:
+        print(f"warning: {exc.message}", file=sys.stderr)
+        gguf_dirs = ()
     catalog = Catalog(
         args.models_dir or home / "models",
         hf_cache=not args.no_hf_cache,
         hf_cache_dir=args.hf_cache_dir,
+        gguf_dirs=lambda: gguf_dirs,
+        named_paths=NamedPaths(home),
     )
-    entries = catalog.entries()
+    entries = catalog.scan()
     if args.json:
         print(
             json.dumps(

@@ -62,6 +62,7 @@ class NodeServer:
             )
         metrics = NodeMetrics(self.metrics_registry)
         self.core = NodeCore(config, metrics=metrics)
+        await self.core.start()
         metrics.watch(self.core)
         if config.metrics_port is not None:
             # Before gRPC: the first state a coordinator sees already names the port.

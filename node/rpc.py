@@ -75,6 +75,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ListModelsResponse:
+        await self.core.catalog.refresh()  # in a worker thread, at most once a second
         return pb.ListModelsResponse(models=[wire.model_to_pb(m) for m in self.core.list_models()])
 
     async def LoadModel(
@@ -102,9 +103,14 @@ class NodeServicer(pb_grpc.NodeServicer):
     ) -> AsyncIterator[pb.NodeState]:
         interval_ms = request.interval_ms or DEFAULT_WATCH_INTERVAL_MS
         interval = max(interval_ms, MIN_WATCH_INTERVAL_MS) / 1000
-        while True:
-            changed = self.core.change_event()
-            yield wire.state_to_pb(self.core.snapshot())
-            # On timeout: a heartbeat, the (possibly unchanged) state anyway.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), interval)
+        # The coordinator's config paths count while its stream is open.
+        token = self.core.push_model_paths(list(request.model_paths))
+        try:
+            while True:
+                changed = self.core.change_event()
+                yield wire.state_to_pb(self.core.snapshot())
+                # On timeout: a heartbeat, the (possibly unchanged) state anyway.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), interval)
+        finally:
+            self.core.withdraw_model_paths(token)

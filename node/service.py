@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import psutil
 from prometheus_client import CollectorRegistry
 
 from macmesh import __version__
-from mesh.errors import ModelLoadError, Unavailable
+from mesh.errors import ModelLoadError, ModelNotFound, Unavailable
 from mesh.types import (
     ChatPrompt,
     ErrorEvent,
@@ -35,6 +36,7 @@ from node.backends.sim import SimBackend
 from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
+from node.models.named import NamedPaths
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,14 @@ class NodeCore:
         self.metrics_port = 0
         # Model id -> seconds its latest load took (`macmesh_model_load_seconds`).
         self.load_seconds: dict[str, float] = {}
+        # Model paths that config files name: this home's and each coordinator's.
+        self.named_paths = NamedPaths(config.home)
         self.catalog = Catalog(
             config.resolved_models_dir,
             hf_cache=config.scan_hf_cache,
             hf_cache_dir=config.hf_cache_dir,
             gguf_dirs=lambda: self.gguf.gguf_dirs(),
+            named_paths=self.named_paths,
         )
         self.mlx = MLXBackend(
             self.catalog,
@@ -109,6 +114,31 @@ class NodeCore:
             max_waiting=config.max_waiting,
             on_change=self.notify,
         )
+
+    async def start(self) -> None:
+        """Scan the catalog once (in a thread), then keep it current from its watcher.
+
+        After this the first state a coordinator sees lists every model on disk.
+        """
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.catalog.scan)
+
+        def changed() -> None:  # on the watcher thread
+            with contextlib.suppress(RuntimeError):  # the loop closed under us
+                loop.call_soon_threadsafe(self.notify)
+
+        self.catalog.start(changed)
+
+    def push_model_paths(self, paths: Sequence[str]) -> int:
+        """A coordinator's config paths, served where they exist; token for withdrawal."""
+        token = self.named_paths.push(paths)
+        if paths:
+            self.catalog.wake()
+        return token
+
+    def withdraw_model_paths(self, token: int) -> None:
+        self.named_paths.withdraw(token)
+        self.catalog.wake()
 
     # ---------- state ----------
 
@@ -152,7 +182,7 @@ class NodeCore:
             version=__version__,
             sequence=self._sequence,
             timestamp=time.time(),
-            models=tuple(self.list_models(refresh=False)),
+            models=tuple(self.list_models()),
             memory=self.memory(),
             load=tuple(self.load_stats()),
             running=sum(b.running for b in self._backends()),
@@ -164,10 +194,11 @@ class NodeCore:
 
     # ---------- models ----------
 
-    def list_models(self, *, refresh: bool = True) -> list[ModelInfo]:
+    def list_models(self) -> list[ModelInfo]:
+        """Every model on disk (as of the catalog's last scan) and every loaded one."""
         loaded = {**self.mlx.loaded(), **self.gguf.loaded()}
         out: list[ModelInfo] = []
-        for mid, entry in sorted(self.catalog.entries(refresh=refresh).items()):
+        for mid, entry in sorted(self.catalog.entries().items()):
             if mid in loaded:
                 out.append(loaded[mid])
                 continue
@@ -186,6 +217,14 @@ class NodeCore:
             out.extend(self.sim.loaded().values())
         return out
 
+    async def _backend(self, model_id: str) -> MLXBackend | LlamaCppBackend | SimBackend:
+        """The backend for `model_id`; a model the last scan missed gets one rescan."""
+        try:
+            return self._backend_for(model_id)
+        except ModelNotFound:
+            await self.catalog.refresh()
+            return self._backend_for(model_id)
+
     def _backend_for(self, model_id: str) -> MLXBackend | LlamaCppBackend | SimBackend:
         if self.sim is not None and model_id in self.sim.specs:
             return self.sim
@@ -202,7 +241,7 @@ class NodeCore:
         return self.mlx
 
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:
-        backend = self._backend_for(model_id)
+        backend = await self._backend(model_id)
         was_loaded = model_id in backend.loaded()
         info, seconds = await backend.load(model_id)
         if not was_loaded:
@@ -213,7 +252,7 @@ class NodeCore:
     async def unload(self, model_id: str) -> bool:
         if self.sim is not None and model_id in self.sim.specs:
             return False
-        backend = self._backend_for(model_id)
+        backend = await self._backend(model_id)
         was = await backend.unload(model_id)
         if was:
             self.load_seconds.pop(model_id, None)
@@ -221,17 +260,19 @@ class NodeCore:
         return was
 
     async def render(self, model_id: str, chat: ChatPrompt, include_text: bool) -> RenderedPrompt:
-        return await self._backend_for(model_id).render(model_id, chat, include_text)
+        backend = await self._backend(model_id)
+        return await backend.render(model_id, chat, include_text)
 
     async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
-        return await self._backend_for(model_id).tokenize(model_id, text, add_special_tokens)
+        backend = await self._backend(model_id)
+        return await backend.tokenize(model_id, text, add_special_tokens)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         """The backend's stream, with state notifications at start and end, and metrics."""
         arrived = time.perf_counter()
         if self.draining:
             raise Unavailable("the node is shutting down")
-        backend = self._backend_for(request.model)
+        backend = await self._backend(request.model)
         stream = backend.generate(request)
         rec: RequestMetrics | None = None
         try:
@@ -270,3 +311,4 @@ class NodeCore:
         self.draining = True
         self.notify()
         await asyncio.gather(*(b.close(grace) for b in self._backends()))
+        await asyncio.to_thread(self.catalog.stop)

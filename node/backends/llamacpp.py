@@ -115,6 +115,8 @@ class LlamaCppBackend:
         self._schedulers: dict[tuple[str, str], tuple[float, SlotScheduler]] = {}
         self.block_size = _block_size()
         self._closing = False
+        self._good_dirs: tuple[Path, ...] = ()
+        self._dirs_logged = ""
         reaped = reap_orphans(home / "run")
         if reaped:
             log.warning("reaped %d llama-server(s) left behind by a node that died", reaped)
@@ -126,12 +128,30 @@ class LlamaCppBackend:
         return GGUFSettings.load(self.home)
 
     def gguf_dirs(self) -> tuple[Path, ...]:
-        """Extra GGUF directories for the catalog; a broken config only logs."""
+        """Extra GGUF directories for the catalog (its watcher calls this every poll).
+
+        A broken `gguf_config.json` keeps the last good `model_dirs`; it and a
+        folder that does not exist are logged once, naming the file and key.
+        """
         try:
-            return self.settings().model_dirs
+            dirs = self.settings().model_dirs
         except LlamaServerError as exc:
-            log.warning("%s", exc.message)
-            return ()
+            self._dirs_problem(exc.message + "; keeping the previous model_dirs")
+            return self._good_dirs
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        self._dirs_problem(
+            f"{self.home / 'gguf_config.json'}: `model_dirs` names folders that do not "
+            f"exist: {', '.join(missing)}"
+            if missing
+            else ""
+        )
+        self._good_dirs = dirs
+        return dirs
+
+    def _dirs_problem(self, problem: str) -> None:
+        if problem and problem != self._dirs_logged:
+            log.error("%s", problem)
+        self._dirs_logged = problem
 
     def _resolve_file(self, ref: str, role: str) -> tuple[str, Path]:
         """A GGUF model id (or a path, for the seed's `draft_model`) -> (id, file)."""
@@ -217,7 +237,7 @@ class LlamaCppBackend:
         return out
 
     def _quant(self, model_id: str) -> str:
-        entry = self.catalog.entries(refresh=False).get(model_id)
+        entry = self.catalog.entries().get(model_id)
         return entry.quantization if entry else ""
 
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:

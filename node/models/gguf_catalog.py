@@ -13,7 +13,7 @@ import re
 import threading
 from pathlib import Path
 
-from node.models.catalog import CatalogEntry
+from node.models.entry import CatalogEntry
 from node.models.gguf import GGUFHeader, GGUFImportError, read_header
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ _NOT_A_MODEL = re.compile(r"(-0000[2-9]|-000[1-9]\d)-of-\d+\.gguf$|^mmproj", re.
 
 _cache: dict[tuple[str, int, int], tuple[int, str] | None] = {}
 _cache_lock = threading.Lock()
+_CACHE_MAX = 4096
 
 
 def _summary(path: Path) -> tuple[int, str] | None:
@@ -67,6 +68,8 @@ def _summary(path: Path) -> tuple[int, str] | None:
         log.warning("skipping %s: not a readable GGUF (%s)", path, exc)
         value = None
     with _cache_lock:
+        if len(_cache) >= _CACHE_MAX:  # a file being copied in makes a key per size
+            _cache.clear()
         _cache[key] = value
     return value
 
