@@ -29,6 +29,9 @@ from mesh.metrics import new_registry
 
 log = logging.getLogger(__name__)
 
+# How often the config files' model paths are compared with what nodes were sent.
+MODEL_PATHS_SECONDS = 2.0
+
 # Reachable without an API key: load balancers, launchd health checks, Prometheus.
 OPEN_PATHS = frozenset({"/", "/health"}) | prometheus.OPEN_PATHS
 
@@ -99,11 +102,19 @@ def create_app(
     service = ChatService(registry, settings, policy=config.routing_policy, metrics=metrics)
     peers = StaticPeers(config.home, config.peers, registry)
 
+    async def follow_model_paths() -> None:
+        # Config files are re-read when they change; nodes learn the paths they name.
+        while True:
+            registry.set_model_paths(settings.model_paths())
+            await asyncio.sleep(MODEL_PATHS_SECONDS)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.set_model_paths(settings.model_paths())
         await registry.start()
         await peers.sync()
         peers_task = asyncio.create_task(peers.run(), name="static peers")
+        paths_task = asyncio.create_task(follow_model_paths(), name="model paths")
         browser = _browser(config, registry) if config.discovery else None
         if browser is not None:
             try:
@@ -117,9 +128,10 @@ def create_app(
         finally:
             if browser is not None:
                 await browser.close()
-            peers_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await peers_task
+            for task in (peers_task, paths_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await registry.close()
 
     app = FastAPI(title="macmesh coordinator", version=__version__, lifespan=lifespan)

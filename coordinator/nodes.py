@@ -106,6 +106,8 @@ class NodeRegistry:
         self._changed = asyncio.Event()
         # Block hash -> views (by target) whose prompt caches hold it.
         self.prefix = PrefixIndex()
+        # Models the config files name by path: sent to every node on each (re)connect.
+        self.model_paths: tuple[str, ...] = ()
 
     async def start(self) -> None:
         for target in self._peers:
@@ -121,6 +123,18 @@ class NodeRegistry:
             view._task = asyncio.create_task(self._watch(view), name=f"watch {target}")
             self._nodes[target] = view
         return view
+
+    def set_model_paths(self, paths: tuple[str, ...]) -> None:
+        """New config paths: every node's state stream reopens to carry them."""
+        if paths == self.model_paths:
+            return
+        self.model_paths = paths
+        log.info("model paths from the config files: %s", ", ".join(paths) or "none")
+        for view in self._nodes.values():
+            if view._task is not None:
+                view._task.cancel()
+            # The old task ends at its next await; the view keeps its state meanwhile.
+            view._task = asyncio.create_task(self._watch(view), name=f"watch {view.target}")
 
     async def remove(self, target: str) -> None:
         view = self._nodes.pop(target, None)
@@ -144,7 +158,7 @@ class NodeRegistry:
         backoff = 0.2
         while True:
             try:
-                async for state in view.client.watch_state(self.heartbeat_ms):
+                async for state in view.client.watch_state(self.heartbeat_ms, self.model_paths):
                     if view.state is None or view.error:
                         log.info("node %s (%s) is up", state.node_id, view.target)
                         self._forget_stale_twins(view, state.node_id)

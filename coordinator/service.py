@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry
 
+from coordinator import hygiene
 from coordinator.metrics import (
     CLIENT_CLOSED,
     OK,
@@ -92,6 +93,20 @@ class Prepared:
         }
 
 
+def _config_key(res: Resolution) -> str:
+    """The config file and key that decided `res`, for error messages."""
+    rule = res.rule
+    if rule == "alias":
+        return f"model_aliases.json key {res.requested!r}"
+    if rule.startswith("wildcard:"):
+        return f"model_aliases.json key {rule.removeprefix('wildcard:')!r}"
+    if rule.startswith("tier:"):
+        return f"claude_routing.json tiers.{rule.removeprefix('tier:')}"
+    if rule == "claude-default":
+        return "claude_routing.json default_model"
+    return f"rule {rule}"
+
+
 class ChatService:
     """The coordinator's request path, shared by every API surface."""
 
@@ -143,6 +158,12 @@ class ChatService:
         if res.model in self.registry.known_models:
             raise Unavailable(
                 f"no node serving {res.model!r} is up right now (it was served before); retry later"
+            )
+        if res.path:
+            raise ModelNotFound(
+                f"{res.model} ({_config_key(res)} names {res.path}, which exists on no "
+                "online node)",
+                self.available_names(),
             )
         raise ModelNotFound(
             f"{res.model} (resolved from {res.requested!r})"
@@ -236,10 +257,11 @@ class ChatService:
         renderer = self._another(res, set())
         assert renderer is not None
         if isinstance(prompt, ChatPrompt):
-            if prompt.enable_thinking is None:
-                default = self.settings.inference().enable_thinking
-                if default is not None:
-                    prompt = replace(prompt, enable_thinking=default)
+            inference = self.settings.inference()
+            if inference.prompt_hygiene:
+                prompt, _ = hygiene.clean(prompt)
+            if prompt.enable_thinking is None and inference.enable_thinking is not None:
+                prompt = replace(prompt, enable_thinking=inference.enable_thinking)
             rendered = await self._render(renderer, res.model, prompt)
             ids, context = rendered.token_ids, rendered.context_length
             tools = prompt.tools

@@ -4,7 +4,8 @@
 - `claude_routing.json`   Claude tiers -> models
 - `inference_settings.json`  default sampling: temperature, top_p, top_k, min_p,
   max_tokens, repetition_penalty, and enable_thinking (true/false/null); plus
-  max_output_tokens, a hard cap on every request's output
+  max_output_tokens, a hard cap on every request's output, and prompt_hygiene
+  (default true: drop client metadata such as Claude Code's billing header)
 
 Files are re-read when they change on disk (checked at most once a second), so
 hand edits apply without a restart; a file that fails validation is reported
@@ -26,20 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import InvalidRequest, MeshError
+from mesh.paths import ALIASES_FILE, ROUTING_FILE
 from mesh.sampling import check_sampling
 from mesh.types import SamplingParams
 from routing.aliases import (
     ClaudeRouting,
     RoutingConfig,
     Target,
+    named_paths,
     parse_aliases,
     parse_claude_routing,
 )
 
 log = logging.getLogger(__name__)
 
-ALIASES_FILE = "model_aliases.json"
-ROUTING_FILE = "claude_routing.json"
 INFERENCE_FILE = "inference_settings.json"
 _CHECK_SECONDS = 1.0
 
@@ -54,6 +55,9 @@ class InferenceSettings:
     enable_thinking: bool | None = None
     # Hard cap on output tokens, whatever a request asks for (clamped, not rejected).
     max_output_tokens: int | None = None
+    # Drop client metadata that carries no instruction (coordinator.hygiene); false
+    # sends every prompt verbatim.
+    prompt_hygiene: bool = True
 
 
 def parse_inference_settings(data: Any) -> InferenceSettings:
@@ -79,7 +83,12 @@ def parse_inference_settings(data: Any) -> InferenceSettings:
     cap = data.get("max_output_tokens")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise InvalidRequest("must be a positive integer", field="max_output_tokens")
-    return InferenceSettings(sampling=sampling, enable_thinking=thinking, max_output_tokens=cap)
+    hygiene = data.get("prompt_hygiene", True)
+    if not isinstance(hygiene, bool):
+        raise InvalidRequest("must be true or false", field="prompt_hygiene")
+    return InferenceSettings(
+        sampling=sampling, enable_thinking=thinking, max_output_tokens=cap, prompt_hygiene=hygiene
+    )
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -165,6 +174,10 @@ class SettingsStore:
         aliases: dict[str, Target] = self._files["aliases"].value
         claude: ClaudeRouting = self._files["routing"].value
         return RoutingConfig(aliases=aliases, claude=claude, default_model=self.default_model)
+
+    def model_paths(self) -> tuple[str, ...]:
+        """Models and drafts the config files name by path (nodes serve those they have)."""
+        return named_paths(self.routing())
 
     def inference(self) -> InferenceSettings:
         self._refresh()

@@ -139,9 +139,16 @@ class NodeClient:
             raise _mapped(exc) from None
         return resp.was_loaded
 
-    async def watch_state(self, interval_ms: int = 0) -> AsyncGenerator[NodeState, None]:
-        """Stream the node's state until the caller stops or the node goes away."""
-        call = self._stub.WatchState(pb.WatchStateRequest(interval_ms=interval_ms))
+    async def watch_state(
+        self, interval_ms: int = 0, model_paths: Sequence[str] = ()
+    ) -> AsyncGenerator[NodeState, None]:
+        """Stream the node's state until the caller stops or the node goes away.
+
+        `model_paths`: models the caller's config names by path; the node serves
+        those it has while the stream is open.
+        """
+        request = pb.WatchStateRequest(interval_ms=interval_ms, model_paths=list(model_paths))
+        call = self._stub.WatchState(request)
         try:
             async for msg in call:
                 yield wire.state_from_pb(msg)

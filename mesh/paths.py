@@ -14,3 +14,8 @@ def macmesh_home() -> Path:
 
 # A node's gRPC port unless told otherwise (`--grpc-port`).
 DEFAULT_GRPC_PORT = 50151
+
+# The seed's (MLX Studio's) config files in `$MACMESH_HOME`: coordinators resolve
+# names with the first two; nodes also serve the models they name by path.
+ALIASES_FILE = "model_aliases.json"
+ROUTING_FILE = "claude_routing.json"

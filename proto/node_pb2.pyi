@@ -797,16 +797,24 @@ class WatchStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    MODEL_PATHS_FIELD_NUMBER: _builtins.int
     interval_ms: _builtins.int
     """Heartbeat period; 0 = the node's default (1000 ms)."""
+    @_builtins.property
+    def model_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model files and dirs the coordinator's config files name by path (expanded):
+        the node serves, while this stream is open, those that exist on it.
+        """
+
     def __init__(
         self,
         *,
         interval_ms: _builtins.int = ...,
+        model_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "model_paths", b"model_paths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,6 +42,9 @@ class Target:
     draft_model: str | None = None
     # Cap on output tokens for requests resolved through this entry (seed tier field).
     max_tokens: int | None = None
+    # The target as a path (`~`/`$VARS` expanded) when the config named it by path:
+    # nodes on which that path exists serve it (see `named_paths`).
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,8 @@ class ClaudeRouting:
     default_model: str | None = None
     # (regex, tier) tried with re.match, case-insensitive, before keywords.
     patterns: tuple[tuple[str, str], ...] = ()
+    # `default_model` as an expanded path, when it was given as one.
+    default_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +80,37 @@ class Resolution:
     rule: str
     tier: str | None = None
     max_tokens: int | None = None
+    # The file or dir the config named, when it named one by path.
+    path: str | None = None
+
+
+def as_path(target: str) -> str | None:
+    """`target` expanded (`~`, `$VARS`) when it names a path, else None (an id, `org/repo`)."""
+    t = os.path.expandvars(os.path.expanduser(target.strip()))
+    if t.startswith(("/", "./", "../")) or target.strip().startswith("~"):
+        return t.rstrip("/") or t
+    return None
 
 
 def model_id(target: str) -> str:
     """A path becomes its last component; anything else (an id, `org/repo`) stays."""
-    t = os.path.expandvars(os.path.expanduser(target.strip()))
-    if t.startswith(("/", "./", "../")) or target.strip().startswith("~"):
-        return os.path.basename(t.rstrip("/"))
-    return t
+    path = as_path(target)
+    if path is not None:
+        return os.path.basename(path)
+    return os.path.expandvars(os.path.expanduser(target.strip()))
+
+
+def named_paths(config: RoutingConfig) -> tuple[str, ...]:
+    """Every model and draft the config names by path, expanded, sorted, once each.
+
+    Coordinators send these to their nodes; a node serves those that exist on it.
+    """
+    targets = [*config.aliases.values(), *config.claude.tiers.values()]
+    found = {t.path for t in targets if t.path}
+    found.update(p for t in targets if t.draft_model and (p := as_path(t.draft_model)))
+    if config.claude.default_path:
+        found.add(config.claude.default_path)
+    return tuple(sorted(found))
 
 
 def detect_backend(model: str, explicit: str | None = None) -> str:
@@ -96,7 +124,7 @@ def _target(value: Any, field_name: str) -> Target:
     if isinstance(value, str):
         if not value.strip():
             raise InvalidRequest("must not be empty", field=field_name)
-        return Target(model=model_id(value))
+        return Target(model=model_id(value), path=as_path(value))
     if isinstance(value, Mapping):
         model = value.get("model")
         if not isinstance(model, str) or not model.strip():
@@ -114,7 +142,11 @@ def _target(value: Any, field_name: str) -> Target:
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise InvalidRequest("must be a positive integer", field=f"{field_name}.max_tokens")
         return Target(
-            model=model_id(model), backend=backend, draft_model=draft or None, max_tokens=cap
+            model=model_id(model),
+            backend=backend,
+            draft_model=draft or None,
+            max_tokens=cap,
+            path=as_path(model),
         )
     raise InvalidRequest("must be a model id, a path, or an object with 'model'", field=field_name)
 
@@ -170,6 +202,7 @@ def parse_claude_routing(data: Any) -> ClaudeRouting:
         tiers=tiers,
         default_model=model_id(default) if default else None,
         patterns=tuple(patterns),
+        default_path=as_path(default) if default else None,
     )
 
 
@@ -199,6 +232,7 @@ def _resolved(name: str, t: Target, rule: str, tier: str | None = None) -> Resol
         rule=rule,
         tier=tier,
         max_tokens=t.max_tokens,
+        path=t.path,
     )
 
 
@@ -217,7 +251,8 @@ def resolve(name: str, config: RoutingConfig, served: Collection[str] = ()) -> R
 
 
 def _gguf_name(model: str, served: Collection[str]) -> str:
-    if model in served or model.lower().endswith(".gguf"):
+    # `<name>.gguf` even when an MLX model is also called `<name>`: the entry said gguf.
+    if model.lower().endswith(".gguf"):
         return model
     return f"{model}.gguf" if f"{model}.gguf" in served else model
 
@@ -237,7 +272,8 @@ def _resolve(name: str, config: RoutingConfig, served: Collection[str]) -> Resol
         if claude.enabled and tier in claude.tiers:
             return _resolved(name, claude.tiers[tier], f"tier:{tier}", tier)
         if claude.default_model:
-            return _resolved(name, Target(claude.default_model), "claude-default", tier)
+            default = Target(claude.default_model, path=claude.default_path)
+            return _resolved(name, default, "claude-default", tier)
     if config.default_model:
         return _resolved(name, Target(config.default_model), "default", tier)
     return None
