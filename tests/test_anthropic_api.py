@@ -175,7 +175,7 @@ CONVERSIONS: list[tuple[str, dict[str, Any], tuple[Message, ...]]] = [
         ),
     ),
     (
-        "system turns inside messages stay where they are; same roles are not merged",
+        "system turns inside messages become reminders in the user turn before them",
         {
             "messages": [
                 {"role": "user", "content": "a"},
@@ -184,7 +184,30 @@ CONVERSIONS: list[tuple[str, dict[str, Any], tuple[Message, ...]]] = [
                 {"role": "user", "content": []},
             ]
         },
-        (Message("user", "a"), Message("system", "s"), Message("user", "b"), Message("user", "")),
+        (
+            Message("user", "a\n<system-reminder>\ns\n</system-reminder>"),
+            Message("user", "b"),
+            Message("user", ""),
+        ),
+    ),
+    (
+        "leading system turns join the system prompt; one after an assistant turn waits",
+        {
+            "system": "S",
+            "messages": [
+                {"role": "system", "content": "t"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "system", "content": "r"},
+                {"role": "user", "content": "c"},
+            ],
+        },
+        (
+            Message("system", "S\nt"),
+            Message("user", "a"),
+            Message("assistant", "b"),
+            Message("user", "<system-reminder>\nr\n</system-reminder>\nc"),
+        ),
     ),
 ]
 

@@ -12,6 +12,7 @@ as Claude Code send new ones (cache_control, context_management, ...) all the ti
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -270,20 +271,51 @@ def _assistant_message(msg: InputMessage, where: str, names: dict[str, str]) -> 
     )
 
 
+def _reminder(text: str) -> str:
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
+def _fold_system_turns(turns: list[Message], system: list[str]) -> list[Message]:
+    """System turns inside `messages` (Claude Code sends one for model names it does not
+    know): leading ones join the system prompt; later ones become `<system-reminder>`
+    text in the user turn before them (else after them), which is what Claude Code
+    itself sends to servers that refuse the role. Chat templates that allow a system
+    message only first (Gemma, Llama, Mistral ...) would otherwise fail the request."""
+    out: list[Message] = []
+    pending: list[str] = []
+    for msg in turns:
+        if msg.role == "system":
+            if not out and not pending:
+                system.append(msg.content)
+            elif out and out[-1].role == "user":
+                out[-1] = replace(out[-1], content=f"{out[-1].content}\n{_reminder(msg.content)}")
+            else:
+                pending.append(_reminder(msg.content))
+            continue
+        if pending and msg.role == "user":
+            msg = replace(msg, content="\n".join([*pending, msg.content]))
+            pending = []
+        out.append(msg)
+    if pending:
+        out.append(Message(role="user", content="\n".join(pending)))
+    return out
+
+
 def to_messages(request: ChatRequest) -> tuple[Message, ...]:
     """The conversation as internal messages: system first, then every turn in order."""
-    out: list[Message] = []
-    system = "\n".join(b.text for b in request.system or ())
-    if system:
-        out.append(Message(role="system", content=system))
+    turns: list[Message] = []
     names: dict[str, str] = {}  # tool_use id -> tool name, for the tool results
     for i, msg in enumerate(request.messages):
         where = f"messages[{i}]"
         if msg.role == "assistant":
-            out.append(_assistant_message(msg, where, names))
+            turns.append(_assistant_message(msg, where, names))
         else:
-            out.extend(_user_messages(msg, where, names))
-    return tuple(out)
+            turns.extend(_user_messages(msg, where, names))
+    system = [b.text for b in request.system or ()]
+    turns = _fold_system_turns(turns, system)
+    if any(system):
+        turns.insert(0, Message(role="system", content="\n".join(system)))
+    return tuple(turns)
 
 
 def to_tools(request: ChatRequest) -> tuple[Tool, ...]:
