@@ -46,8 +46,9 @@ up: install
 node: install
 	exec $(BIN)/macmesh node
 
-## Lint, type-check, then the default test run (slow tests excluded).
-test: install lint
+## Lint, type-check, then the default test run (slow tests excluded; the Claude Code
+## end-to-end test needs npm for `make claude-code` and is skipped without it).
+test: install lint claude-code
 	$(BIN)/python -m pytest -q
 
 ## Slow real-model tests and benchmarks.

@@ -42,7 +42,15 @@ from mesh.types import (
     Tool,
 )
 from routing.aliases import Resolution, resolve
-from routing.policy import DEFAULT_POLICY, Candidate, Decision, Policy, RoundRobin, choose
+from routing.policy import (
+    DEFAULT_POLICY,
+    Candidate,
+    Decision,
+    Policy,
+    Reason,
+    RoundRobin,
+    choose,
+)
 from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
 
 log = logging.getLogger(__name__)
@@ -254,6 +262,8 @@ class ChatService:
         received = time.perf_counter()
         res = self.resolve(name)
         views = self.candidates(res)
+        # Rendering loads the model on the renderer; the request still caused that load.
+        cold = not any((info := v.model(res.model)) is not None and info.loaded for v in views)
         renderer = self._another(res, set())
         assert renderer is not None
         if isinstance(prompt, ChatPrompt):
@@ -275,6 +285,8 @@ class ChatService:
         if context and len(ids) >= context:
             raise PromptTooLong(len(ids), context)
         node, decision = self.place(res, ids, views, commit=commit)
+        if cold and decision.node_id == renderer.target:
+            decision = replace(decision, reason=Reason.NOT_LOADED.value)
         if commit:  # a real request, not a count
             self.metrics.route(decision.reason)
         return Prepared(res, node, decision.reason, ids, context, tools, chat, decision, received)
@@ -286,6 +298,7 @@ class ChatService:
             with contextlib.suppress(MeshError):
                 res = self.resolve(name)
         self.metrics.request(api, res, status_of(err))
+        log.info("%s request for %r refused: %s: %s", api or "api", name, err.code, err.message)
 
     async def _render(self, view: NodeView, model: str, chat: ChatPrompt) -> RenderedPrompt:
         key = (model, repr(chat))

@@ -239,7 +239,7 @@ class MLXBackend:
             raise Unavailable("the node is shutting down")
         if model_id in self._models:
             return self._models[model_id].info(), 0.0
-        entry = await asyncio.to_thread(self.catalog.get, model_id)
+        entry = self.catalog.get(model_id)  # the published snapshot: no I/O, no await
         if entry.backend != "mlx":
             raise ModelLoadError(f"model {model_id!r} is not an MLX model ({entry.backend})")
         fut = self._loading.get(model_id)
@@ -288,7 +288,7 @@ class MLXBackend:
         ModelNotFound, a non-MLX or incompatible one InvalidRequest.
         """
         if draft_id not in self._models:
-            entry = await asyncio.to_thread(self.catalog.get, draft_id)
+            entry = self.catalog.get(draft_id)
             if entry.backend != "mlx":
                 raise InvalidRequest(
                     f"draft model {draft_id!r} is a {entry.backend} model; "
