@@ -131,9 +131,13 @@ class NodeRegistry:
         self.model_paths = paths
         log.info("model paths from the config files: %s", ", ".join(paths) or "none")
         for view in self._nodes.values():
-            if view._task is not None:
-                view._task.cancel()
-            # The old task ends at its next await; the view keeps its state meanwhile.
+            old = view._task
+            if old is not None:
+                # It ends at its next await (the view keeps its state meanwhile); held
+                # until then so it is not collected mid-cancel.
+                old.cancel()
+                self._background.add(old)
+                old.add_done_callback(self._background.discard)
             view._task = asyncio.create_task(self._watch(view), name=f"watch {view.target}")
 
     async def remove(self, target: str) -> None:

@@ -119,10 +119,11 @@ def test_first_requests_load_on_demand(lab: dict[str, object]) -> None:
     assert raw_msg.headers["x-macmesh-model"] == "smollm2.gguf"
     resolved = httpx.get(f"{base}/api/routing/resolve/claude-sonnet-4-6").json()
     assert (resolved["resolved"], resolved["backend"]) == ("smollm2", "mlx")
-    named = client.chat.completions.create(
+    named = client.chat.completions.with_raw_response.create(
         model="named", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
-    assert named.model == "Named-Q8.gguf" or named.choices
+    assert named.headers["x-macmesh-model"] == "Named-Q8.gguf"
+    assert named.parse().choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_gguf_copied_in_is_served_within_seconds(lab: dict[str, object]) -> None:
@@ -174,3 +175,22 @@ def test_bad_config_keeps_the_previous_one(lab: dict[str, object]) -> None:
     assert r.status_code == 404
     message = r.json()["error"]["message"]
     assert "model_aliases.json key 'gone'" in message and "/nowhere/Gone-Q4.gguf" in message
+
+
+def test_config_path_changes_reach_every_node(lab: dict[str, object]) -> None:
+    """A path added to the coordinator's config is served within seconds; a removed one goes."""
+    base, root = str(lab["base"]), Path(str(lab["root"]))
+    aliases = root / "coord" / "model_aliases.json"
+    before = aliases.read_text()
+    later = write_tiny_gguf(root / "elsewhere" / "Later-Q8.gguf", make_tiny(seed=1))
+    aliases.write_text(json.dumps({"later": str(later)}))
+    try:
+
+        def switched() -> bool:
+            served = model_nodes(base)
+            return len(served.get("Later-Q8.gguf", [])) == 2 and "Named-Q8.gguf" not in served
+
+        took = wait_until(switched, 15, "the new path served, the old one withdrawn", [])
+        print(f"config path change reached both nodes in {took:.1f}s")
+    finally:
+        aliases.write_text(before)
