@@ -21,11 +21,11 @@ from coordinator.nodes import NodeRegistry
 from coordinator.peers import StaticPeers
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
-from macmesh import __version__
 from mesh.auth import channel_credentials
 from mesh.discovery import Browser, Peer
 from mesh.errors import Unauthenticated
 from mesh.metrics import new_registry
+from mesh.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_HTTP_PORT = 1234
+from mesh.paths import DEFAULT_HTTP_PORT
+
+__all__ = ["DEFAULT_HTTP_PORT", "CoordinatorConfig"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,3 +1,5 @@
 """macmesh: one LLM endpoint over a lab of Apple-Silicon Macs."""
 
-__version__ = "0.1.0"
+from mesh.version import __version__
+
+__all__ = ["__version__"]

@@ -38,7 +38,7 @@ import httpx
 
 from coordinator.config import CoordinatorConfig
 from macmesh import bench_workloads
-from macmesh.bench_workloads import BenchRequest, WorkloadSpec
+from macmesh.bench_workloads import DEFAULT_SIM_RATES, BenchRequest, WorkloadSpec
 from routing.policy import POLICY_NAMES
 
 SIM_MODEL = "sim-bench"
@@ -47,7 +47,6 @@ GGUF_MODEL = "smollm2.gguf"
 # SmolLM2-135M-Instruct Q4_1 (the embedded default model) on the 2-core Linux dev box,
 # measured through `bench/gguf_overhead.py` (~400 prefill, ~150 decode). A Mac-class
 # 7B 4-bit model on MLX is about 600 / 35: `--sim-rates 600:35`.
-DEFAULT_SIM_RATES = (400.0, 150.0)
 SIM_CONTEXT = 32768
 READY = "macmesh node listening on "
 START_TIMEOUT_S = 180.0

@@ -17,6 +17,9 @@ import json
 import random
 from dataclasses import dataclass
 
+# Prefill and decode tokens/s of `--sim` nodes (llama.cpp-like for a small model).
+DEFAULT_SIM_RATES = (400.0, 150.0)
+
 WORKLOADS: tuple[str, ...] = ("shared-prefix", "multi-turn", "agent")
 # How the requests of one round (turn t of every session) are ordered.
 ORDERS: tuple[str, ...] = ("shuffled", "cyclic")

@@ -11,12 +11,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coordinator.config import DEFAULT_HTTP_PORT, CoordinatorConfig
-from macmesh import __version__
-from mesh.paths import macmesh_home
+from mesh.paths import DEFAULT_HTTP_PORT, macmesh_home
+from mesh.version import __version__
 from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, SimModelSpec
 from routing.policy import POLICY_NAMES
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
 
 log = logging.getLogger("macmesh")
 
@@ -214,6 +217,8 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
 def _coordinator_config(
     args: argparse.Namespace, default_model: str | None = None
 ) -> CoordinatorConfig:
+    from coordinator.config import CoordinatorConfig  # not imported by node-only runs
+
     keys = {k for k in args.api_key if k}
     keys.update(k.strip() for k in os.environ.get("MACMESH_API_KEYS", "").split(",") if k.strip())
     return CoordinatorConfig(
@@ -448,8 +453,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
 
 
 def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
-    from macmesh.bench_routing import DEFAULT_SIM_RATES
-    from macmesh.bench_workloads import ORDERS, WORKLOADS, WorkloadSpec
+    from macmesh.bench_workloads import DEFAULT_SIM_RATES, ORDERS, WORKLOADS, WorkloadSpec
 
     d = WorkloadSpec()
     t = p.add_argument_group("target (one of)").add_mutually_exclusive_group(required=True)

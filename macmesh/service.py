@@ -35,8 +35,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from coordinator.config import DEFAULT_HTTP_PORT
-from mesh.paths import DEFAULT_GRPC_PORT, macmesh_home
+from mesh.paths import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, macmesh_home
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ def macmesh_home() -> Path:
 
 # A node's gRPC port unless told otherwise (`--grpc-port`).
 DEFAULT_GRPC_PORT = 50151
+# A coordinator's HTTP port unless told otherwise (`--port` / `--http-port`).
+DEFAULT_HTTP_PORT = 1234
 
 # The seed's (MLX Studio's) config files in `$MACMESH_HOME`: coordinators resolve
 # names with the first two; nodes also serve the models they name by path.

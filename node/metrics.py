@@ -27,9 +27,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from macmesh import __version__
 from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, QUEUE_BUCKETS, TTFT_BUCKETS
 from mesh.types import Finish, FinishReason, Memory, ModelInfo, ModelLoad, Usage
+from mesh.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 from prometheus_client import CollectorRegistry
 
-from macmesh import __version__
 from mesh.errors import ModelLoadError, ModelNotFound, Unavailable
 from mesh.types import (
     ChatPrompt,
@@ -30,6 +29,7 @@ from mesh.types import (
     RenderedPrompt,
     Started,
 )
+from mesh.version import __version__
 from node.backends.llamacpp import LlamaCppBackend
 from node.backends.mlx import MLXBackend
 from node.backends.sim import SimBackend

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from macmesh.run import _bind
+from macmesh.http_server import bind as _bind
 
 
 async def test_accepted_connections_get_tcp_nodelay() -> None:

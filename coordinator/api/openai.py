@@ -34,7 +34,6 @@ from coordinator.api.openai_protocol import (
     to_completion,
 )
 from coordinator.service import ChatService
-from macmesh import __version__
 from mesh import errors
 from mesh.types import (
     ChatPrompt,
@@ -50,6 +49,7 @@ from mesh.types import (
     ToolCallEvent,
     Usage,
 )
+from mesh.version import __version__
 
 router = APIRouter()
 
