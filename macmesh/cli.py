@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from mesh.paths import DEFAULT_HTTP_PORT, macmesh_home
 from mesh.version import __version__
-from node.config import DEFAULT_GRPC_PORT, NodeConfig, SamplingDefaults, SimModelSpec
+from node.config import (
+    DEFAULT_GRPC_PORT,
+    CacheConfig,
+    NodeConfig,
+    SamplingDefaults,
+    SimModelSpec,
+    resolve_num_draft_tokens,
+)
 from routing.policy import POLICY_NAMES
 
 if TYPE_CHECKING:
@@ -131,6 +138,21 @@ def _metrics_port(args: argparse.Namespace) -> int | None:
     return None if port < 0 else port
 
 
+def _num_draft_tokens(flag: int | None) -> int:
+    try:
+        return resolve_num_draft_tokens(flag)
+    except ValueError as exc:
+        raise SystemExit(f"macmesh: {exc}") from None
+
+
+def _cache_config() -> CacheConfig:
+    """`MLX_CACHE_*`, read here once: the node's core takes the result."""
+    try:
+        return CacheConfig.from_env()
+    except ValueError as exc:
+        raise SystemExit(f"macmesh: {exc}") from None
+
+
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
@@ -150,7 +172,8 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         hf_cache_dir=args.hf_cache_dir,
         max_running=args.max_running,
         max_waiting=args.max_waiting,
-        num_draft_tokens=args.num_draft_tokens,
+        num_draft_tokens=_num_draft_tokens(args.num_draft_tokens),
+        cache=_cache_config(),
         preload=tuple(dict.fromkeys([*preload, *args.preload])),
         shutdown_grace=args.shutdown_grace,
         sampling=SamplingDefaults(),
@@ -618,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_routing_args(q)
     q.set_defaults(func=cmd_bench_routing)
 
-    from macmesh.service import add_service_parser
+    from macmesh.service.cli import add_service_parser
 
     add_service_parser(sub)
     return parser
