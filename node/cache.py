@@ -51,82 +51,33 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from node.config import (  # re-exported: the cache's settings live with the node's config
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_SLOTS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_REUSE,
+    CacheConfig,
+    default_max_bytes,
+)
 from routing.prefix import block_hashes, common_prefix
 
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_MAX_SLOTS",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MIN_REUSE",
+    "CacheConfig",
+    "Lease",
+    "PromptCaches",
+    "default_max_bytes",
+]
+
 log = logging.getLogger(__name__)
-
-BLOCK_SIZE_ENV = "MLX_CACHE_BLOCK_SIZE"
-MAX_SLOTS_ENV = "MLX_CACHE_MAX_SLOTS"
-MIN_REUSE_ENV = "MLX_CACHE_MIN_REUSE"
-MAX_TOKENS_ENV = "MLX_CACHE_MAX_TOKENS"
-MAX_BYTES_ENV = "MLX_CACHE_MAX_BYTES"
-
-DEFAULT_BLOCK_SIZE = 256
-DEFAULT_MAX_SLOTS = 4
-DEFAULT_MIN_REUSE = 512
-DEFAULT_MAX_TOKENS = 65536
-# Share of physical memory the KV arrays of all idle slots may take by default.
-DEFAULT_MEMORY_FRACTION = 0.25
-
-
-def default_max_bytes() -> int:
-    """25% of physical memory (1 GiB where it cannot be read)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
-    except Exception:  # noqa: BLE001 - any failure: a conservative fixed budget
-        return 1 << 30
-
-
-def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    raw = environ.get(name, "").strip().replace("_", "")
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    """Prompt-cache tuning; see the module docstring. `max_slots=0` turns caching off."""
-
-    block_size: int = DEFAULT_BLOCK_SIZE
-    max_slots: int = DEFAULT_MAX_SLOTS
-    min_reuse: int = DEFAULT_MIN_REUSE
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_bytes: int = 1 << 30
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> CacheConfig:
-        """The `MLX_CACHE_*` settings of `environ` (default `os.environ`)."""
-        env = os.environ if environ is None else environ
-        max_bytes_raw = env.get(MAX_BYTES_ENV, "").strip()
-        return cls(
-            block_size=_env_int(env, BLOCK_SIZE_ENV, DEFAULT_BLOCK_SIZE, 1),
-            max_slots=_env_int(env, MAX_SLOTS_ENV, DEFAULT_MAX_SLOTS, 0),
-            min_reuse=_env_int(env, MIN_REUSE_ENV, DEFAULT_MIN_REUSE, 0),
-            max_tokens=_env_int(env, MAX_TOKENS_ENV, DEFAULT_MAX_TOKENS, 0),
-            max_bytes=(
-                _env_int(env, MAX_BYTES_ENV, 0, 0) if max_bytes_raw else default_max_bytes()
-            ),
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_slots > 0 and self.max_tokens > 0 and self.max_bytes > 0
-
 
 # ---------- operations on an mlx-lm prompt cache (a list of per-layer caches) ----------
 # Duck-typed on the layer caches' interface (`is_trimmable`, `trim`, `offset`,

@@ -2,12 +2,119 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.paths import DEFAULT_GRPC_PORT, macmesh_home
+from routing.prefix import DEFAULT_BLOCK_SIZE
 
-__all__ = ["DEFAULT_GRPC_PORT", "NodeConfig", "SamplingDefaults", "SimModelSpec", "macmesh_home"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_GRPC_PORT",
+    "DEFAULT_MAX_SLOTS",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MIN_REUSE",
+    "DEFAULT_NUM_DRAFT_TOKENS",
+    "NUM_DRAFT_TOKENS_ENV",
+    "CacheConfig",
+    "NodeConfig",
+    "SamplingDefaults",
+    "SimModelSpec",
+    "default_max_bytes",
+    "macmesh_home",
+    "resolve_num_draft_tokens",
+]
+
+BLOCK_SIZE_ENV = "MLX_CACHE_BLOCK_SIZE"
+MAX_SLOTS_ENV = "MLX_CACHE_MAX_SLOTS"
+MIN_REUSE_ENV = "MLX_CACHE_MIN_REUSE"
+MAX_TOKENS_ENV = "MLX_CACHE_MAX_TOKENS"
+MAX_BYTES_ENV = "MLX_CACHE_MAX_BYTES"
+
+DEFAULT_MAX_SLOTS = 4
+DEFAULT_MIN_REUSE = 512
+DEFAULT_MAX_TOKENS = 65536
+# Share of physical memory the KV arrays of all idle slots may take by default.
+DEFAULT_MEMORY_FRACTION = 0.25
+
+
+def default_max_bytes() -> int:
+    """25% of physical memory (1 GiB where it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
+    except Exception:  # noqa: BLE001 - any failure: a conservative fixed budget
+        return 1 << 30
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name, "").strip().replace("_", "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Prompt-cache tuning (node.cache; the simulated engine uses the same); `max_slots=0`
+    turns caching off. The entry point builds it once (`from_env`) and passes it down."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_slots: int = DEFAULT_MAX_SLOTS
+    min_reuse: int = DEFAULT_MIN_REUSE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_bytes: int = field(default_factory=lambda: default_max_bytes())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CacheConfig:
+        """The `MLX_CACHE_*` settings of `environ` (default `os.environ`)."""
+        env = os.environ if environ is None else environ
+        max_bytes_raw = env.get(MAX_BYTES_ENV, "").strip()
+        return cls(
+            block_size=_env_int(env, BLOCK_SIZE_ENV, DEFAULT_BLOCK_SIZE, 1),
+            max_slots=_env_int(env, MAX_SLOTS_ENV, DEFAULT_MAX_SLOTS, 0),
+            min_reuse=_env_int(env, MIN_REUSE_ENV, DEFAULT_MIN_REUSE, 0),
+            max_tokens=_env_int(env, MAX_TOKENS_ENV, DEFAULT_MAX_TOKENS, 0),
+            max_bytes=(
+                _env_int(env, MAX_BYTES_ENV, 0, 0) if max_bytes_raw else default_max_bytes()
+            ),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_slots > 0 and self.max_tokens > 0 and self.max_bytes > 0
+
+
+# Tokens a draft proposes per round when nothing else says (mlx-lm's server default).
+DEFAULT_NUM_DRAFT_TOKENS = 3
+NUM_DRAFT_TOKENS_ENV = "MACMESH_NUM_DRAFT_TOKENS"
+
+
+def resolve_num_draft_tokens(value: int | None = None) -> int:
+    """`value`, else `$MACMESH_NUM_DRAFT_TOKENS`, else 3; must be >= 1 (the entry point's
+    rule: the core takes the resolved number from `NodeConfig`)."""
+    source = "num_draft_tokens"
+    if value is None:
+        raw = os.environ.get(NUM_DRAFT_TOKENS_ENV, "").strip()
+        if not raw:
+            return DEFAULT_NUM_DRAFT_TOKENS
+        source = NUM_DRAFT_TOKENS_ENV
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{source}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{source} must be >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,9 +176,11 @@ class NodeConfig:
     max_running: int = 4
     # Waiting generations beyond this are refused (RESOURCE_EXHAUSTED).
     max_waiting: int = 256
-    # Speculative decoding: tokens a draft model proposes per round.
-    # None: `$MACMESH_NUM_DRAFT_TOKENS`, else 3 (node.backends.mlx).
-    num_draft_tokens: int | None = None
+    # Speculative decoding: tokens a draft proposes per round (`--num-draft-tokens`,
+    # else `$MACMESH_NUM_DRAFT_TOKENS`, resolved by the entry point).
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    # The prompt caches (MLX, and the simulated engine; GGUF nodes use its block size).
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Models to load at start (ids from the catalog).
     preload: tuple[str, ...] = ()
     # Seconds in-flight streams get to finish on SIGTERM/SIGINT.

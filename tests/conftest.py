@@ -15,7 +15,7 @@ import pytest
 
 from mesh.client import NodeClient
 from node.app import NodeServer
-from node.config import NodeConfig, SimModelSpec
+from node.config import CacheConfig, NodeConfig, SimModelSpec
 
 # Tests never touch the user's real state or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +81,7 @@ def start_node(config: NodeConfig) -> RunningNode:
     return RunningNode(server, loop, thread)
 
 
-def start_sim_node(home: Path, spec: SimModelSpec) -> RunningNode:
+def start_sim_node(home: Path, spec: SimModelSpec, cache: CacheConfig | None = None) -> RunningNode:
     """A node serving one SIMULATED model from its own home (no real models)."""
     return start_node(
         NodeConfig(
@@ -90,6 +90,7 @@ def start_sim_node(home: Path, spec: SimModelSpec) -> RunningNode:
             models_dir=home / "models",
             scan_hf_cache=False,
             sim_models=(spec,),
+            cache=cache or CacheConfig(),
         )
     )
 

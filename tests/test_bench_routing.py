@@ -24,7 +24,7 @@ from macmesh.bench_routing import (
     summarize,
 )
 from macmesh.bench_workloads import WORKLOADS, WorkloadSpec, build
-from node.config import SimModelSpec
+from node.config import CacheConfig, SimModelSpec
 from routing.policy import POLICY_NAMES
 from tests.conftest import RunningNode, start_sim_node
 
@@ -119,13 +119,12 @@ def test_numbers() -> None:
 
 
 @pytest.fixture
-def sim_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RunningNode]]:
+def sim_nodes(tmp_path: Path) -> Iterator[list[RunningNode]]:
     """3 simulated nodes (fast prefill), 4 cache slots each: 9 groups overflow any one node."""
-    monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
-    monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "128")
-    monkeypatch.setenv("MLX_CACHE_MAX_SLOTS", "4")
+    cache = CacheConfig(block_size=64, min_reuse=128, max_slots=4)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 5000, 200, 32768)) for i in range(3)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 5000, 200, 32768), cache)
+        for i in range(3)
     ]
     yield nodes
     for n in nodes:

@@ -14,7 +14,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from mesh.client import NodeClient
 from mesh.types import ChatPrompt, GenerateRequest, Message, SamplingParams
-from node.config import SimModelSpec
+from node.config import CacheConfig, SimModelSpec
 from routing.prefix import block_hashes
 from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_sim_node
 
@@ -24,14 +24,11 @@ SYSTEM = "You are a careful assistant for the lighthouse keepers' guild. " * 20
 
 
 @pytest.fixture
-def mesh(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[list[RunningNode], RunningCoordinator]]:
-    monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
-    monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "128")
-    monkeypatch.setenv("MLX_CACHE_MAX_SLOTS", "1")  # a second prefix evicts the first
+def mesh(tmp_path: Path) -> Iterator[tuple[list[RunningNode], RunningCoordinator]]:
+    # One slot: a second prefix evicts the first.
+    cache = CacheConfig(block_size=64, min_reuse=128, max_slots=1)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768))
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache)
         for i in range(3)
     ]
     coord = start_coordinator(
@@ -106,13 +103,10 @@ async def test_a_burst_of_new_prefixes_spreads_before_any_node_reports(
     assert len({r.headers["x-macmesh-node"] for r in got}) == 3
 
 
-def test_round_robin_and_least_loaded_ignore_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MLX_CACHE_MIN_REUSE", "64")
-    monkeypatch.setenv("MLX_CACHE_BLOCK_SIZE", "64")
+def test_round_robin_and_least_loaded_ignore_the_cache(tmp_path: Path) -> None:
+    cache = CacheConfig(block_size=64, min_reuse=64)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768))
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache)
         for i in range(2)
     ]
     coord = start_coordinator(
@@ -148,9 +142,10 @@ def test_an_eviction_reaches_the_index_within_100_ms(
         for n in nodes
         if n.server.core and n.server.core.node_id == first.headers["x-macmesh-node"]
     )
-    assert target.server.core is not None and target.server.core.sim is not None
-    cache = target.server.core.sim.caches[MODEL]
-    old = list(cache.slots[0][1])
+    assert target.server.core is not None
+    caches = target.server.core.backend("sim").caches
+    [(old_tokens, _)] = caches.slot_tokens(MODEL)
+    old = caches.state()[MODEL]
     assert len(old) > 10
     _wait(lambda: _indexed(coord.base_url, target.target) == len(old))
 
@@ -164,11 +159,15 @@ def test_an_eviction_reaches_the_index_within_100_ms(
 
     runner = threading.Thread(target=lambda: asyncio.run(other_prompt()))
     runner.start()
-    _wait(lambda: bool(cache.slots) and cache.slots[0][1][:1] != old[:1])
+
+    def evicted() -> bool:
+        slots = caches.slot_tokens(MODEL)
+        return len(slots) == 1 and slots[0][0] != old_tokens and not slots[0][1]
+
+    _wait(evicted)
     evicted_at = time.monotonic()
-    _wait(lambda: _indexed(coord.base_url, target.target) != len(old), 2.0)
+    held = set(block_hashes(MODEL, caches.slot_tokens(MODEL)[0][0], 64))
+    _wait(lambda: _indexed(coord.base_url, target.target) == len(held), 2.0)
     lag = time.monotonic() - evicted_at
     runner.join(10)
     assert lag < 0.1, f"the eviction reached the coordinator after {lag * 1000:.0f} ms"
-    held = set(block_hashes(MODEL, cache.slots[0][0], 64))
-    assert _indexed(coord.base_url, target.target) == len(held)

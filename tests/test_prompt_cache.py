@@ -350,23 +350,21 @@ TOPIC = "Summarize this inventory: " + ", ".join(
 
 @pytest.fixture(scope="module")
 def cache_node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    """A node of its own, its prompt cache tuned small (read once, at start)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLX_CACHE_BLOCK_SIZE", str(BLOCK))
-        mp.setenv("MLX_CACHE_MIN_REUSE", str(2 * BLOCK))
-        mp.setenv("MLX_CACHE_MAX_SLOTS", str(MAX_SLOTS))
-        mp.setenv("MLX_CACHE_MAX_TOKENS", str(MAX_TOKENS))
-        running = start_node(
-            NodeConfig(
-                host="127.0.0.1",
-                grpc_port=0,
-                home=tmp_path_factory.mktemp("cache-home"),
-                models_dir=models_dir,
-                scan_hf_cache=False,
-                preload=("smollm2",),
-                max_running=4,
-            )
+    """A node of its own, its prompt cache tuned small."""
+    running = start_node(
+        NodeConfig(
+            host="127.0.0.1",
+            grpc_port=0,
+            home=tmp_path_factory.mktemp("cache-home"),
+            models_dir=models_dir,
+            scan_hf_cache=False,
+            preload=("smollm2",),
+            max_running=4,
+            cache=CacheConfig(
+                block_size=BLOCK, min_reuse=2 * BLOCK, max_slots=MAX_SLOTS, max_tokens=MAX_TOKENS
+            ),
         )
+    )
     yield running
     running.stop()
 
@@ -439,7 +437,7 @@ def warm(cache_node: RunningNode) -> Warm:
 
 def _mlx(node: RunningNode) -> Any:
     assert node.server.core is not None
-    return node.server.core.mlx
+    return node.server.core.backend("mlx")
 
 
 @pytest.mark.model

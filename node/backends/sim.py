@@ -9,19 +9,20 @@ fit on one small machine, and timing noise stays around a millisecond: it
 isolates what macmesh itself adds.
 
 Like a real engine, prefills of one model run one at a time (FIFO: a node's
-compute is busy), decodes run side by side, and a prompt cache with the MLX
-cache's semantics (block-granular longest prefix, minimum reuse, LRU slots,
-`MLX_CACHE_*` settings) skips the prefill of a cached prefix and is reported
-in the node state, so routing can be studied on many simulated nodes.
+compute is busy), decodes run side by side, and the MLX backend's own prompt
+cache (node.cache.PromptCaches, over one-number "layers" that only know their
+length; the node's `CacheConfig`) skips the prefill of a cached prefix and is
+reported in the node state, so routing studied on simulated nodes follows the
+real cache's matching and eviction rules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 
 from mesh.errors import InvalidRequest, ModelNotFound, PromptTooLong, Unavailable
 from mesh.types import (
@@ -38,11 +39,12 @@ from mesh.types import (
     TextPrompt,
     Usage,
 )
+from node.backends.base import BackendContext
 from node.backends.chat_template import validate_chat
 from node.backends.outparse import OutputParser, ParserConfig
-from node.config import SamplingDefaults, SimModelSpec
+from node.cache import Lease, PromptCaches
+from node.config import CacheConfig, SamplingDefaults, SimModelSpec
 from node.sampling import resolve_sampling
-from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
 
 _WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
@@ -51,55 +53,21 @@ _WORDS = (
 )  # fmt: skip
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        value = int(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
+class _SimLayer:
+    """A simulated KV-cache layer: only how many tokens it holds (node.cache duck-types it)."""
 
+    nbytes = 0
 
-class SimPromptCache:
-    """LRU slots of token sequences with the MLX prompt cache's matching rules."""
+    def __init__(self) -> None:
+        self.offset = 0
 
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.block_size = _env_int("MLX_CACHE_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
-        self.max_slots = _env_int("MLX_CACHE_MAX_SLOTS", 4)
-        self.min_reuse = _env_int("MLX_CACHE_MIN_REUSE", 512)
-        self.max_tokens = _env_int("MLX_CACHE_MAX_TOKENS", 65536)
-        # (tokens, their block hashes); most recently used last.
-        self.slots: list[tuple[list[int], list[int]]] = []
+    def is_trimmable(self) -> bool:
+        return True
 
-    def lookup(self, ids: list[int]) -> int:
-        """Cached tokens for `ids`: the longest block-aligned common prefix, if long enough."""
-        best = 0
-        for tokens, _ in self.slots:
-            n, limit = 0, min(len(tokens), len(ids))
-            while n < limit and tokens[n] == ids[n]:
-                n += 1
-            best = max(best, n - n % self.block_size)
-        # At least one token is always prefilled (it yields the first logits).
-        best = min(best, len(ids) - 1)
-        return best if best >= self.min_reuse else 0
-
-    def store(self, ids: list[int]) -> None:
-        """`ids` now fills a slot: the one it extends, else the least recently used."""
-        for i, (tokens, _) in enumerate(self.slots):
-            if ids[: len(tokens)] == tokens:
-                del self.slots[i]
-                break
-        self.slots.append((list(ids), block_hashes(self.model, ids, self.block_size)))
-        while len(self.slots) > self.max_slots or (
-            len(self.slots) > 1 and sum(len(t) for t, _ in self.slots) > self.max_tokens
-        ):
-            self.slots.pop(0)
-
-    def state(self) -> CachedPrefix:
-        held: dict[int, None] = {}
-        for _, hashes in self.slots:
-            held.update(dict.fromkeys(hashes))
-        return CachedPrefix(self.model, self.block_size, tuple(held))
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
 
 def sim_tokenize(text: str) -> list[int]:
@@ -128,6 +96,7 @@ class SimBackend:
         specs: tuple[SimModelSpec, ...],
         *,
         defaults: SamplingDefaults,
+        cache_config: CacheConfig | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.specs = {s.name: s for s in specs}
@@ -138,7 +107,8 @@ class SimBackend:
         self.tokens_generated = 0
         self._closing = False
         self._prefill_lock = {name: asyncio.Lock() for name in self.specs}
-        self.caches = {name: SimPromptCache(name) for name in self.specs}
+        # Runs on the event loop here (the MLX backend drives it from its engine thread).
+        self.caches = PromptCaches(cache_config or CacheConfig(), on_change=on_change)
 
     def _spec(self, model_id: str) -> SimModelSpec:
         spec = self.specs.get(model_id)
@@ -156,6 +126,12 @@ class SimBackend:
             context_length=spec.context_length,
             quantization=f"simulated {spec.prefill_tps:g}/{spec.decode_tps:g} tok/s",
         )
+
+    def claims(self, model_id: str) -> bool:
+        return model_id in self.specs
+
+    def model_dirs(self) -> tuple[Path, ...]:
+        return ()
 
     def loaded(self) -> dict[str, ModelInfo]:
         return {name: self.info(s) for name, s in self.specs.items()}
@@ -200,22 +176,27 @@ class SimBackend:
         parser = OutputParser(ParserConfig(stop=sampling.stop))
         request_id = request.request_id or f"sim_{uuid.uuid4().hex[:16]}"
         self._running[spec.name] += 1
-        # Work queued counts what will really be prefilled (the cache as it is now).
-        queued = len(ids) - self.caches[spec.name].lookup(ids)
+        hashes = self.caches.hashes(spec.name, ids)
+        # Work queued counts what will likely be prefilled (the cache as it is now).
+        queued = len(ids) - self.caches.predict(spec.name, ids, hashes)
         self._prefill[spec.name] += queued
         t0 = time.perf_counter()
         prefilled = False
         n = 0
         cached = 0
+        lease: Lease | None = None
         reason = FinishReason.LENGTH
         try:
             yield Started(request_id, spec.name, len(ids))
             async with self._prefill_lock[spec.name]:  # one prefill at a time, FIFO
                 started = time.perf_counter()
-                cached = self.caches[spec.name].lookup(ids)
+                lease = self.caches.acquire(spec.name, ids, lambda: [_SimLayer()], hashes)
+                cached = lease.cached
                 await asyncio.sleep((len(ids) - cached) / spec.prefill_tps)
-                self.caches[spec.name].store(ids)
-            self._on_change()  # coordinators learn of the new prefix (and evictions) now
+                lease.cache[0].offset = len(ids)  # the layer now holds the whole prompt
+                # Released at once: the prompt is reusable from the end of its prefill.
+                self.caches.release(lease, ids)
+                lease = None
             self._prefill[spec.name] -= queued
             prefilled = True
             t1 = time.perf_counter()
@@ -247,12 +228,15 @@ class SimBackend:
             yield Finish(reason, usage, parser.stop_sequence)
         finally:
             self._running[spec.name] -= 1
+            if lease is not None:  # cancelled during the prefill: its state is unknown
+                self.caches.release(lease, None)
             if not prefilled:
                 self._prefill[spec.name] -= queued
 
     def cache_state(self) -> list[CachedPrefix]:
         """The simulated prompt caches' block hashes, like a real node reports them."""
-        return [c.state() for c in self.caches.values() if c.slots]
+        size = self.caches.config.block_size
+        return [CachedPrefix(m, size, h) for m, h in self.caches.state().items()]
 
     def load_stats(self) -> list[ModelLoad]:
         return [
@@ -279,3 +263,13 @@ class SimBackend:
         deadline = time.monotonic() + grace
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+
+
+def create(ctx: BackendContext) -> SimBackend | None:
+    """Simulated models, when the node was given some (`--sim-model`)."""
+    c = ctx.config
+    if not c.sim_models:
+        return None
+    return SimBackend(
+        c.sim_models, defaults=c.sampling, cache_config=c.cache, on_change=ctx.on_change
+    )
