@@ -30,9 +30,8 @@ from mesh.types import (
     Started,
 )
 from mesh.version import __version__
-from node.backends.llamacpp import LlamaCppBackend
-from node.backends.mlx import MLXBackend
-from node.backends.sim import SimBackend
+from node.backends.base import Backend, BackendContext
+from node.backends.registry import FACTORIES
 from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
@@ -86,34 +85,29 @@ class NodeCore:
             config.resolved_models_dir,
             hf_cache=config.scan_hf_cache,
             hf_cache_dir=config.hf_cache_dir,
-            gguf_dirs=lambda: self.gguf.gguf_dirs(),
+            gguf_dirs=self._model_dirs,
             named_paths=self.named_paths,
         )
-        self.mlx = MLXBackend(
-            self.catalog,
-            defaults=config.sampling,
-            max_running=config.max_running,
-            max_waiting=config.max_waiting,
-            num_draft_tokens=config.num_draft_tokens,
-            on_change=self.notify,
-        )
-        self.sim = (
-            SimBackend(config.sim_models, defaults=config.sampling, on_change=self.notify)
-            if config.sim_models
-            else None
-        )
-        if self.sim is not None:
-            self.load_seconds.update(dict.fromkeys(self.sim.specs, 0.0))
         self.draining = False
         self._sequence = 0
         self._changed = asyncio.Event()
-        self.gguf = LlamaCppBackend(
-            self.catalog,
-            home=config.home,
-            defaults=config.sampling,
-            max_waiting=config.max_waiting,
-            on_change=self.notify,
-        )
+        context = BackendContext(config, self.catalog, self.notify)
+        # In lookup order (node.backends.registry); each backend's `name` is the
+        # catalog's `backend` value for the models it serves.
+        self.backends: list[Backend] = [b for make in FACTORIES if (b := make(context)) is not None]
+        for backend in self.backends:  # built-in models (simulated ones) load in no time
+            self.load_seconds.update(dict.fromkeys(backend.loaded(), 0.0))
+
+    def backend(self, name: str) -> Backend:
+        """The backend called `name` (`mlx`, `gguf`, `sim`); KeyError when absent."""
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(f"no {name!r} backend on this node")
+
+    def _model_dirs(self) -> tuple[Path, ...]:
+        # Called by the catalog's watcher before and after the backends exist.
+        return tuple(d for b in getattr(self, "backends", ()) for d in b.model_dirs())
 
     async def start(self) -> None:
         """Scan the catalog once (in a thread), then keep it current from its watcher.
@@ -152,10 +146,6 @@ class NodeCore:
         """Set at the next change; take it before reading a snapshot."""
         return self._changed
 
-    def _backends(self) -> list[MLXBackend | LlamaCppBackend | SimBackend]:
-        out: list[MLXBackend | LlamaCppBackend | SimBackend] = [self.mlx, self.gguf]
-        return out if self.sim is None else [*out, self.sim]
-
     def memory(self) -> Memory:
         """The machine's memory now, and what MLX holds."""
         vm = psutil.virtual_memory()
@@ -168,12 +158,11 @@ class NodeCore:
 
     def load_stats(self) -> list[ModelLoad]:
         """Queue depth and measured speeds of every loaded model."""
-        return [x for b in self._backends() for x in b.load_stats()]
+        return [x for b in self.backends for x in b.load_stats()]
 
     def loaded_models(self) -> list[ModelInfo]:
         """The models loaded now (no catalog scan)."""
-        loaded = [*self.mlx.loaded().values(), *self.gguf.loaded().values()]
-        return loaded if self.sim is None else [*loaded, *self.sim.loaded().values()]
+        return [info for b in self.backends for info in b.loaded().values()]
 
     def snapshot(self) -> NodeState:
         self._sequence += 1
@@ -185,10 +174,10 @@ class NodeCore:
             models=tuple(self.list_models()),
             memory=self.memory(),
             load=tuple(self.load_stats()),
-            running=sum(b.running for b in self._backends()),
-            waiting=sum(b.waiting for b in self._backends()),
+            running=sum(b.running for b in self.backends),
+            waiting=sum(b.waiting for b in self.backends),
             draining=self.draining,
-            cache=tuple(c for b in self._backends() for c in b.cache_state()),
+            cache=tuple(c for b in self.backends for c in b.cache_state()),
             metrics_port=self.metrics_port,
         )
 
@@ -196,14 +185,16 @@ class NodeCore:
 
     def list_models(self) -> list[ModelInfo]:
         """Every model on disk (as of the catalog's last scan) and every loaded one."""
-        loaded = {**self.mlx.loaded(), **self.gguf.loaded()}
+        loaded: dict[str, ModelInfo] = {}
+        for b in reversed(self.backends):  # earlier backends win a shared name
+            loaded.update(b.loaded())
         out: list[ModelInfo] = []
         for mid, entry in sorted(self.catalog.entries().items()):
-            if mid in loaded:
-                out.append(loaded[mid])
-                continue
+            info = loaded.pop(mid, None)
             out.append(
-                ModelInfo(
+                info
+                if info is not None
+                else ModelInfo(
                     id=mid,
                     backend=entry.backend,
                     source=entry.source,
@@ -213,11 +204,10 @@ class NodeCore:
                     quantization=entry.quantization,
                 )
             )
-        if self.sim is not None:
-            out.extend(self.sim.loaded().values())
+        out.extend(loaded.values())  # loaded from outside the catalog (built in, by path)
         return out
 
-    async def _backend(self, model_id: str) -> MLXBackend | LlamaCppBackend | SimBackend:
+    async def _backend(self, model_id: str) -> Backend:
         """The backend for `model_id`; a model the last scan missed gets one rescan."""
         try:
             return self._backend_for(model_id)
@@ -225,20 +215,16 @@ class NodeCore:
             await self.catalog.refresh()
             return self._backend_for(model_id)
 
-    def _backend_for(self, model_id: str) -> MLXBackend | LlamaCppBackend | SimBackend:
-        if self.sim is not None and model_id in self.sim.specs:
-            return self.sim
-        # Loaded models skip the catalog: no disk scan on the request path.
-        if model_id in self.mlx.loaded():
-            return self.mlx
-        if model_id in self.gguf.loaded():
-            return self.gguf
+    def _backend_for(self, model_id: str) -> Backend:
+        # Loaded and built-in models skip the catalog: no lookup on the request path.
+        for b in self.backends:
+            if b.claims(model_id):
+                return b
         entry = self.catalog.get(model_id)
-        if entry.backend == "gguf":
-            return self.gguf
-        if entry.backend != "mlx":
-            raise ModelLoadError(f"no backend on this node serves {entry.backend} models")
-        return self.mlx
+        for b in self.backends:
+            if b.name == entry.backend:
+                return b
+        raise ModelLoadError(f"no backend on this node serves {entry.backend} models")
 
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:
         backend = await self._backend(model_id)
@@ -250,8 +236,6 @@ class NodeCore:
         return info, seconds
 
     async def unload(self, model_id: str) -> bool:
-        if self.sim is not None and model_id in self.sim.specs:
-            return False
         backend = await self._backend(model_id)
         was = await backend.unload(model_id)
         if was:
@@ -310,5 +294,5 @@ class NodeCore:
         """Drain: refuse new requests, give in-flight ones `grace` s, free models."""
         self.draining = True
         self.notify()
-        await asyncio.gather(*(b.close(grace) for b in self._backends()))
+        await asyncio.gather(*(b.close(grace) for b in self.backends))
         await asyncio.to_thread(self.catalog.stop)

@@ -771,7 +771,7 @@ def test_max_tokens_above_the_context_is_clamped(client: anthropic.Anthropic) ->
 
 def _wait_idle(node: RunningNode, timeout: float = 10.0) -> None:
     assert node.server.core is not None
-    mlx = node.server.core.mlx
+    mlx = node.server.core.backend("mlx")
     deadline = time.monotonic() + timeout
     while mlx.running and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -793,7 +793,7 @@ def test_stream_disconnect_cancels_generation(
     coordinator: RunningCoordinator, node: RunningNode, leave_at: str
 ) -> None:
     assert node.server.core is not None
-    before = node.server.core.mlx.tokens_generated
+    before = node.server.core.backend("mlx").tokens_generated
     body = {
         "model": MODEL,
         "max_tokens": 300,
@@ -808,7 +808,7 @@ def test_stream_disconnect_cancels_generation(
             if line == leave_at:
                 break  # leaving closes the half-read response, and so the connection
     _wait_idle(node)
-    assert node.server.core.mlx.tokens_generated - before < 100
+    assert node.server.core.backend("mlx").tokens_generated - before < 100
 
 
 @model
@@ -816,7 +816,7 @@ def test_non_stream_disconnect_cancels_generation(
     coordinator: RunningCoordinator, node: RunningNode
 ) -> None:
     assert node.server.core is not None
-    before = node.server.core.mlx.tokens_generated
+    before = node.server.core.backend("mlx").tokens_generated
     body = {
         "model": MODEL,
         "max_tokens": 300,
@@ -827,7 +827,7 @@ def test_non_stream_disconnect_cancels_generation(
             coordinator.base_url + "/v1/messages", json=body, timeout=httpx.Timeout(60, read=4)
         )
     _wait_idle(node)
-    assert node.server.core.mlx.tokens_generated - before < 100
+    assert node.server.core.backend("mlx").tokens_generated - before < 100
 
 
 @model

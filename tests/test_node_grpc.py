@@ -110,7 +110,7 @@ async def test_cancel_stops_generation_within_two_tokens(
     client: NodeClient, node: RunningNode
 ) -> None:
     assert node.server.core is not None
-    mlx = node.server.core.mlx
+    mlx = node.server.core.backend("mlx")
     stream = client.generate(chat("Write a long story about a dragon.", max_tokens=400))
     async for ev in stream:
         if isinstance(ev, TextDelta):

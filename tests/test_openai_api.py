@@ -335,7 +335,7 @@ def test_bad_completion_requests(
 
 def _wait_idle(node: RunningNode) -> None:
     assert node.server.core is not None
-    mlx = node.server.core.mlx
+    mlx = node.server.core.backend("mlx")
     deadline = time.monotonic() + 5
     while mlx.running and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -1,11 +1,14 @@
-"""The Backend protocol: what the node's gRPC service needs from an engine."""
+"""The Backend protocol: what the node's core needs from an engine, and how one is made."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from mesh.types import (
+    CachedPrefix,
     ChatPrompt,
     GenerateEvent,
     GenerateRequest,
@@ -13,6 +16,8 @@ from mesh.types import (
     ModelLoad,
     RenderedPrompt,
 )
+from node.config import NodeConfig
+from node.models.catalog import Catalog
 
 
 class Backend(Protocol):
@@ -21,10 +26,19 @@ class Backend(Protocol):
     Every method may raise `mesh.errors.MeshError` subclasses; anything else is
     a bug. `generate` yields `Started` first and `Finish` last; a failure after
     `Started` is an `ErrorEvent` followed by `Finish(ERROR)`, never an
-    exception. Closing the iterator early cancels the generation.
+    exception. Closing the iterator early cancels the generation. The catalog
+    entry's `backend` field names the backend that serves it (`name`).
     """
 
     name: str
+
+    def claims(self, model_id: str) -> bool:
+        """Serves `model_id` without asking the catalog (loaded here, or built in)."""
+        ...
+
+    def model_dirs(self) -> tuple[Path, ...]:
+        """Extra folders the catalog should watch for this backend's models."""
+        ...
 
     def loaded(self) -> dict[str, ModelInfo]:
         """Models loaded now, by id."""
@@ -56,6 +70,34 @@ class Backend(Protocol):
         """Queue depth and measured speeds per loaded model."""
         ...
 
+    def cache_state(self) -> list[CachedPrefix]:
+        """The prompt-cache prefixes held, as block hashes, for coordinators' routing."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Generations under way."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """Generations queued behind them."""
+        ...
+
     async def close(self, grace: float) -> None:
         """Finish or cancel in-flight work within `grace` seconds, free models."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """What a backend is built from: the node's config, its catalog, the change hook."""
+
+    config: NodeConfig
+    catalog: Catalog
+    # Call (on the event loop) when anything `NodeState` reports changed.
+    on_change: Callable[[], None]
+
+
+# A backend module's `create`: the backend, or None when this node's config has none.
+BackendFactory = Callable[[BackendContext], Backend | None]

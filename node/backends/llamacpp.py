@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -50,6 +49,7 @@ from mesh.types import (
     ToolCall,
     ToolCallEvent,
 )
+from node.backends.base import BackendContext
 from node.backends.chat_template import (
     FALLBACK_TOOL_END,
     FALLBACK_TOOL_START,
@@ -100,8 +100,10 @@ class LlamaCppBackend:
         home: Path,
         defaults: SamplingDefaults,
         max_waiting: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         on_change: Any = None,
     ) -> None:
+        """`block_size`: tokens per reported prefix block (the node's cache config)."""
         self.catalog = catalog
         self.home = home
         self.defaults = defaults
@@ -113,7 +115,7 @@ class LlamaCppBackend:
         self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
         # Per server: (its start time, its slots as the node assigned them).
         self._schedulers: dict[tuple[str, str], tuple[float, SlotScheduler]] = {}
-        self.block_size = _block_size()
+        self.block_size = block_size
         self._closing = False
         self._good_dirs: tuple[Path, ...] = ()
         self._dirs_logged = ""
@@ -126,6 +128,12 @@ class LlamaCppBackend:
     def settings(self) -> GGUFSettings:
         """`gguf_config.json`, re-read on every use (it is small and may change)."""
         return GGUFSettings.load(self.home)
+
+    def claims(self, model_id: str) -> bool:
+        return model_id in self.loaded()
+
+    def model_dirs(self) -> tuple[Path, ...]:
+        return self.gguf_dirs()
 
     def gguf_dirs(self) -> tuple[Path, ...]:
         """Extra GGUF directories for the catalog (its watcher calls this every poll).
@@ -594,16 +602,7 @@ class LlamaCppBackend:
     def load_stats(self) -> list[ModelLoad]:
         loaded = self.loaded()
         return [
-            ModelLoad(
-                model=mid,
-                running=s.running,
-                waiting=s.waiting,
-                queued_prefill_tokens=max(0, s.queued_prefill_tokens),
-                prefill_tokens_per_second=s.prefill_tps,
-                decode_tokens_per_second=s.decode_tps,
-                draft_tokens=s.draft_tokens,
-                accepted_draft_tokens=s.accepted_draft_tokens,
-            )
+            s.to_load(mid)
             for mid, s in self._stats.items()
             if mid in loaded or s.running or s.waiting
         ]
@@ -648,10 +647,14 @@ async def _why_down(server: LlamaServer, exc: Exception | None) -> str:
     return f"lost the stream from llama-server for {server.spec.label}: {exc or 'not running'}"
 
 
-def _block_size() -> int:
-    """The node's prefix block size (`MLX_CACHE_BLOCK_SIZE`, shared with the MLX cache)."""
-    try:
-        value = int(os.environ.get("MLX_CACHE_BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
-    except ValueError:
-        return DEFAULT_BLOCK_SIZE
-    return value if value > 0 else DEFAULT_BLOCK_SIZE
+def create(ctx: BackendContext) -> LlamaCppBackend:
+    """The node's GGUF backend (every node has one; llama-server starts on demand)."""
+    c = ctx.config
+    return LlamaCppBackend(
+        ctx.catalog,
+        home=c.home,
+        defaults=c.sampling,
+        max_waiting=c.max_waiting,
+        block_size=c.cache.block_size,
+        on_change=ctx.on_change,
+    )

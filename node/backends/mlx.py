@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from mesh.errors import (
@@ -37,6 +37,7 @@ from mesh.types import (
     TextPrompt,
     Tool,
 )
+from node.backends.base import BackendContext
 from node.backends.chat_template import (
     FALLBACK_TOOL_END,
     FALLBACK_TOOL_START,
@@ -47,32 +48,14 @@ from node.backends.mlx_engine import Engine, GenJob
 from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
-from node.config import SamplingDefaults
+from node.config import (  # the last three re-exported for callers of the old home
+    DEFAULT_NUM_DRAFT_TOKENS,
+    SamplingDefaults,
+)
 from node.models.catalog import Catalog, CatalogEntry
 from node.sampling import resolve_sampling
 
 log = logging.getLogger(__name__)
-
-# Tokens a draft proposes per round when nothing else says (mlx-lm's server default).
-DEFAULT_NUM_DRAFT_TOKENS = 3
-NUM_DRAFT_TOKENS_ENV = "MACMESH_NUM_DRAFT_TOKENS"
-
-
-def resolve_num_draft_tokens(value: int | None = None) -> int:
-    """`value`, else `$MACMESH_NUM_DRAFT_TOKENS`, else 3; must be >= 1."""
-    source = "num_draft_tokens"
-    if value is None:
-        raw = os.environ.get(NUM_DRAFT_TOKENS_ENV, "").strip()
-        if not raw:
-            return DEFAULT_NUM_DRAFT_TOKENS
-        source = NUM_DRAFT_TOKENS_ENV
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{source}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{source} must be >= 1, got {value}")
-    return value
 
 
 def check_draft_tokenizer(target_id: str, target_tok: Any, draft_id: str, draft_tok: Any) -> None:
@@ -204,21 +187,23 @@ class MLXBackend:
         defaults: SamplingDefaults,
         max_running: int = 4,
         max_waiting: int = 256,
-        num_draft_tokens: int | None = None,
+        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
         cache_config: CacheConfig | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        """`cache_config` None reads `MLX_CACHE_*`; `on_change` is called on the event
-        loop when what `cache_state` reports changed."""
+        """`cache_config` None: the defaults; `on_change` is called on the event loop
+        when what `cache_state` reports changed."""
         self.catalog = catalog
         self.defaults = defaults
-        # Speculative decoding: tokens a draft proposes per round (None: env/default).
-        self.num_draft_tokens = resolve_num_draft_tokens(num_draft_tokens)
+        # Speculative decoding: tokens a draft proposes per round.
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.num_draft_tokens = num_draft_tokens
         self._on_change = on_change
         # The loop generations run on: cache changes (engine thread) are posted to it.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._caches = PromptCaches(
-            cache_config if cache_config is not None else CacheConfig.from_env(),
+            cache_config if cache_config is not None else CacheConfig(),
             on_change=self._cache_changed,
         )
         self._engine = Engine(max_running=max_running, max_waiting=max_waiting, caches=self._caches)
@@ -229,6 +214,12 @@ class MLXBackend:
         self._closing = False
 
     # ---------- models ----------
+
+    def claims(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def model_dirs(self) -> tuple[Path, ...]:
+        return ()  # MLX models are found in the models dir and the HF cache
 
     def loaded(self) -> dict[str, ModelInfo]:
         return {mid: m.info() for mid, m in self._models.items()}
@@ -491,19 +482,7 @@ class MLXBackend:
                 job.cancelled = True
 
     def load_stats(self) -> list[ModelLoad]:
-        return [
-            ModelLoad(
-                model=mid,
-                running=lm.stats.running,
-                waiting=lm.stats.waiting,
-                queued_prefill_tokens=max(0, lm.stats.queued_prefill_tokens),
-                prefill_tokens_per_second=lm.stats.prefill_tps,
-                decode_tokens_per_second=lm.stats.decode_tps,
-                draft_tokens=lm.stats.draft_tokens,
-                accepted_draft_tokens=lm.stats.accepted_draft_tokens,
-            )
-            for mid, lm in self._models.items()
-        ]
+        return [lm.stats.to_load(mid) for mid, lm in self._models.items()]
 
     @property
     def running(self) -> int:
@@ -526,3 +505,17 @@ class MLXBackend:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._engine.stop)
         self._models.clear()
+
+
+def create(ctx: BackendContext) -> MLXBackend:
+    """The node's MLX backend (every node has one; it loads models on demand)."""
+    c = ctx.config
+    return MLXBackend(
+        ctx.catalog,
+        defaults=c.sampling,
+        max_running=c.max_running,
+        max_waiting=c.max_waiting,
+        num_draft_tokens=c.num_draft_tokens,
+        cache_config=c.cache,
+        on_change=ctx.on_change,
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.types import ModelLoad
+
 # Smoothing of the measured prefill/decode rates.
 EMA = 0.3
 
@@ -33,3 +35,16 @@ class ModelStats:
             self.decode_tps = (
                 rate if not self.decode_tps else EMA * rate + (1 - EMA) * (self.decode_tps)
             )
+
+    def to_load(self, model: str) -> ModelLoad:
+        """What the node state reports for `model` (queued prefill never below 0)."""
+        return ModelLoad(
+            model=model,
+            running=self.running,
+            waiting=self.waiting,
+            queued_prefill_tokens=max(0, self.queued_prefill_tokens),
+            prefill_tokens_per_second=self.prefill_tps,
+            decode_tokens_per_second=self.decode_tps,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
+        )
