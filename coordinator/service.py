@@ -40,6 +40,7 @@ from mesh.types import (
     TextPrompt,
     TokenPrompt,
     Tool,
+    ToolCallEvent,
 )
 from routing.aliases import Resolution, resolve
 from routing.policy import (
@@ -352,6 +353,17 @@ class ChatService:
         return min(views, key=key)
 
     @staticmethod
+    def _normalized(event: GenerateEvent, tool_calls: bool) -> GenerateEvent:
+        """One meaning per event for every API: a turn that called tools finishes with
+        TOOL_CALLS, and a generation the node cancelled (shutdown), not this caller,
+        is a server error."""
+        if isinstance(event, Finish) and event.reason is FinishReason.STOP and tool_calls:
+            return replace(event, reason=FinishReason.TOOL_CALLS)
+        if isinstance(event, ErrorEvent) and event.code == errors.Cancelled.code:
+            return replace(event, code=errors.BackendError.code)
+        return event
+
+    @staticmethod
     def _request_for(
         prepared: Prepared, node: NodeView, sampling: SamplingParams, request_id: str
     ) -> GenerateRequest:
@@ -390,7 +402,7 @@ class ChatService:
         sampling = params
         node: NodeView | None = prepared.node
         tried: set[str] = set()
-        started = produced = False
+        started = produced = tool_calls = False
         outcome = "cancelled"
         # Until the stream ends otherwise, the caller went away (closed it early).
         status = CLIENT_CLOSED
@@ -412,6 +424,9 @@ class ChatService:
                 stream = node.client.generate(request)
                 try:
                     async for event in stream:
+                        event = self._normalized(event, tool_calls)
+                        if isinstance(event, ToolCallEvent):
+                            tool_calls = True
                         if isinstance(event, Started):
                             if started:
                                 continue  # a retry: the caller already has one

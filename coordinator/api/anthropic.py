@@ -20,9 +20,8 @@ from typing import Any, TypeVar, cast
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import RootModel
-from starlette.background import BackgroundTask
 
 from coordinator.api.anthropic_protocol import (
     ChatRequest,
@@ -33,11 +32,12 @@ from coordinator.api.anthropic_protocol import (
     to_sampling,
 )
 from coordinator.api.common import (
+    Events,
     anthropic_error,
     anthropic_error_body,
     close_streams,
-    gather_events,
     parse_body,
+    respond,
     sse,
 )
 from coordinator.service import ChatService
@@ -58,7 +58,6 @@ router = APIRouter()
 
 R = TypeVar("R", bound=ChatRequest)
 
-Events = AsyncGenerator[GenerateEvent, None]
 StreamEvent = tuple[str, dict[str, Any]]
 
 _STOP_REASONS = {
@@ -168,11 +167,7 @@ class MessageBuilder:
         if isinstance(event, ToolCallEvent):
             return self._tool_use(event.call)
         if isinstance(event, ErrorEvent):
-            err = errors.from_code(event.code, event.message)
-            # This client did not cancel: to it, a cancelled generation is a server failure.
-            self.error = (
-                errors.BackendError(err.message) if isinstance(err, errors.Cancelled) else err
-            )
+            self.error = errors.from_code(event.code, event.message)
             return []
         if isinstance(event, Finish):
             return self._finish(event)
@@ -228,8 +223,6 @@ class MessageBuilder:
             if self.error is None:
                 self.error = errors.BackendError(f"generation ended: {event.reason.value}")
             return [*out, ("error", anthropic_error_body(self.error))]
-        if reason == "end_turn" and any(b["type"] == "tool_use" for b in self.content):
-            reason = "tool_use"  # clients run the tools only on this stop reason
         self.stop_reason = reason
         if reason == "stop_sequence":
             self.stop_sequence = event.stop_sequence or None
@@ -283,36 +276,26 @@ async def create_message(request: Request) -> Response:
     )
     headers = {**prepared.headers, "request-id": message_id}
     events = service.generate(prepared, params, request_id=message_id, api="anthropic")
-    handed_off = False
-    try:
-        # `Started` comes once the node has queued the request, before prefill, so a
-        # full queue or bad sampling values still get a status code of their own.
-        first = await _next(events)
-        if first is None:
-            raise errors.BackendError("the node's stream ended at once")
-        if body.stream:
-            interval = float(request.app.state.config.ping_interval)
-            stream = _stream(first, events, builder, interval)
-            handed_off = True
-            return StreamingResponse(
-                stream,
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-                # Runs after a disconnect too: closes a body that never started or
-                # stopped at a `yield`, so the node always hears about it.
-                background=BackgroundTask(close_streams, stream, events),
-            )
-        for event in await gather_events(request, first, events):
+    interval = float(request.app.state.config.ping_interval)
+
+    def complete(got: list[GenerateEvent]) -> Response:
+        for event in got:
             builder.feed(event)
         builder.end()
-    except errors.MeshError as err:
-        return anthropic_error(err, headers)
-    finally:
-        if not handed_off:
-            await close_streams(events)
-    if builder.error is not None:
-        return anthropic_error(builder.error, headers)
-    return JSONResponse(builder.message(), headers=headers)
+        if builder.error is not None:
+            return anthropic_error(builder.error, headers)
+        return JSONResponse(builder.message(), headers=headers)
+
+    return await respond(
+        request,
+        events,
+        headers=headers,
+        stream=(lambda first, rest: _stream(first, rest, builder, interval))
+        if body.stream
+        else None,
+        complete=complete,
+        error=anthropic_error,
+    )
 
 
 async def _next(events: Events) -> GenerateEvent | None:

@@ -1,4 +1,5 @@
-"""What every HTTP surface shares: body parsing, error envelopes, SSE framing.
+"""What every HTTP surface shares: body parsing, error envelopes, SSE framing, and
+`respond`, the one request runner (first event, streaming or not, closing).
 
 Each API maps `mesh.errors` to its own envelope here, once:
 
@@ -9,13 +10,14 @@ Each API maps `mesh.errors` to its own envelope here, once:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 
 from mesh import errors
 from mesh.types import GenerateEvent
@@ -188,3 +190,49 @@ async def gather_events(
     if disconnected:
         raise errors.Cancelled("the client disconnected")
     return out
+
+
+Events = AsyncGenerator[GenerateEvent, None]
+
+
+async def respond(
+    request: Request,
+    events: Events,
+    *,
+    headers: dict[str, str],
+    stream: Callable[[GenerateEvent, Events], AsyncGenerator[bytes, None]] | None,
+    complete: Callable[[list[GenerateEvent]], Response],
+    error: Callable[[errors.MeshError, dict[str, str]], Response],
+) -> Response:
+    """Turn a generation's events into the HTTP response, the same way for every API.
+
+    Waits for the first event (`Started` comes once the node has queued the
+    request, before prefill, so a full queue or bad sampling values still get a
+    status code of their own). Then `stream` (the API's SSE body, given that
+    first event and the rest) is handed to the server, which closes it and the
+    node's stream even after a disconnect; or, without `stream`, every event is
+    gathered (a disconnect cancels the generation) and `complete` builds the
+    body. `error` renders a failure before the status line in the API's envelope.
+    """
+    handed_off = False
+    try:
+        first = await anext(events, None)
+        if first is None:
+            raise errors.BackendError("the node's stream ended at once")
+        if stream is not None:
+            body = stream(first, events)
+            handed_off = True
+            return StreamingResponse(
+                body,
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+                # Runs after a disconnect too: closes a body that never started or
+                # stopped at a `yield`, so the node always hears about it.
+                background=BackgroundTask(close_streams, body, events),
+            )
+        return complete(await gather_events(request, first, events))
+    except errors.MeshError as err:
+        return error(err, headers)
+    finally:
+        if not handed_off:
+            await close_streams(events)

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 
 from coordinator.api.common import (
     RETRY_AFTER_SECONDS,
+    Events,
     close_streams,
-    gather_events,
     http_status,
     openai_error_body,
     parse_body,
+    respond,
     sse,
 )
 from coordinator.api.openai_protocol import (
@@ -53,7 +53,6 @@ from mesh.version import __version__
 
 router = APIRouter()
 
-Events = AsyncGenerator[GenerateEvent, None]
 SYSTEM_FINGERPRINT = f"macmesh-{__version__}"
 
 # ---------- events -> responses ----------
@@ -88,9 +87,7 @@ def _finish_reason(finish: Finish, had_tool_calls: bool) -> str:
 def _raise_failure(event: ErrorEvent | Finish) -> None:
     """Errors after the stream began: the node's message, as a server error."""
     if isinstance(event, ErrorEvent):
-        err = errors.from_code(event.code, event.message)
-        # A node-side cancel (shutdown) is a failure of this request, not the client's doing.
-        raise err if not isinstance(err, errors.Cancelled) else errors.BackendError(err.message)
+        raise errors.from_code(event.code, event.message)
     if event.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         raise errors.BackendError(f"generation ended with {event.reason.value}")
 
@@ -322,33 +319,16 @@ async def _complete(
         f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model
     )
     events = service.generate(prepared, params, request_id=meta.id, api="openai")
-    handed_off = False
-    try:
-        # `Started` comes once the node has queued the request, before prefill, so
-        # sampling errors and a full queue still get a status code of their own.
-        first = await anext(events)
-        if stream:
-            chunker = Chunker(meta, chat=chat, include_usage=include_usage)
-            body = _stream(first, events, chunker)
-            handed_off = True
-            return StreamingResponse(
-                body,
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-                # Runs after a disconnect too: closes a body that never started or
-                # stopped at a `yield`, so the node always hears about it.
-                background=BackgroundTask(close_streams, body, events),
-            )
-        got = await gather_events(request, first, events)
-        build = chat_completion if chat else text_completion
-        return JSONResponse(build(got, meta), headers=headers)
-    except StopAsyncIteration:
-        return _error(errors.BackendError("the node's stream ended at once"), headers=headers)
-    except errors.MeshError as err:
-        return _error(err, headers=headers)
-    finally:
-        if not handed_off:
-            await close_streams(events)
+    build = chat_completion if chat else text_completion
+    chunker = Chunker(meta, chat=chat, include_usage=include_usage)
+    return await respond(
+        request,
+        events,
+        headers=headers,
+        stream=(lambda first, rest: _stream(first, rest, chunker)) if stream else None,
+        complete=lambda got: JSONResponse(build(got, meta), headers=headers),
+        error=lambda err, h: _error(err, headers=h),
+    )
 
 
 async def _stream(
