@@ -76,7 +76,7 @@ from node.backends.llamacpp_wire import (
 )
 from node.backends.outparse import OutputParser, ParserConfig, json_tool_call_parser, new_call_id
 from node.backends.sse import SSEError, post_json, post_sse
-from node.backends.stats import ModelStats
+from node.backends.stats import Admission, ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
 from node.sampling import resolve_sampling
@@ -394,10 +394,6 @@ class LlamaCppBackend:
             sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
         body.update(sampling_body(sampling, chat=count is not None))
         stats = self._stats.setdefault(server.spec.model_id, ModelStats())
-        if stats.waiting >= self.max_waiting:
-            if count is not None:
-                count.cancel()
-            raise Overloaded(f"{stats.waiting} requests already waiting on this node; retry later")
         parser = OutputParser(
             ParserConfig(
                 stop=sampling.stop,
@@ -412,10 +408,14 @@ class LlamaCppBackend:
         enqueued = started = time.perf_counter()
         sched = self._scheduler(server)
         position = sched.waiting
-        stats.waiting += 1
+        try:
+            admission = Admission(stats, self.max_waiting)
+        except Overloaded:
+            if count is not None:
+                count.cancel()
+            raise
         ticket: Ticket | None = None
-        queued = prefilled = running = failed = False
-        uncached = 0
+        prefilled = failed = False
 
         def send(t: Ticket) -> asyncio.Task[None]:
             assert t.slot is not None
@@ -434,9 +434,7 @@ class LlamaCppBackend:
                 sched.refine(ticket, ids)
             # Work to prefill: what the slot (chosen, or likely) does not hold.
             reuse = ticket.matched if ticket.slot is not None else sched.predicted(ticket.key)
-            uncached = max(len(ids) - reuse, 0)
-            stats.queued_prefill_tokens += uncached
-            queued = True
+            admission.queue_prefill(max(len(ids) - reuse, 0))
             yield Started(
                 request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",
                 model=server.spec.model_id,
@@ -447,9 +445,7 @@ class LlamaCppBackend:
                 await sched.wait(ticket)
                 started = time.perf_counter()
                 producer = send(ticket)
-            stats.waiting -= 1
-            stats.running += 1
-            running = True
+            admission.run()
             reason = FinishReason.ERROR
             while (item := await events.get()) is not None:
                 if isinstance(item, _StreamFailed):
@@ -458,7 +454,7 @@ class LlamaCppBackend:
                     break
                 if not prefilled:
                     prefilled = ticket.prefilled = True
-                    stats.queued_prefill_tokens -= uncached
+                    admission.prefilled()
                 ticket.produced += 1
                 yield item
             else:
@@ -499,12 +495,7 @@ class LlamaCppBackend:
             if ticket is not None:
                 # No-op after a clean release; a cut or failed stream leaves the slot unknown.
                 sched.release(ticket, ids=ids or None, failed=failed or not prefilled)
-            if running:
-                stats.running -= 1
-            else:
-                stats.waiting -= 1
-            if queued and not prefilled:
-                stats.queued_prefill_tokens -= uncached
+            admission.close()
             self._on_change()
 
     @staticmethod

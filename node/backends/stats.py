@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.errors import Overloaded
 from mesh.types import ModelLoad
 
 # Smoothing of the measured prefill/decode rates.
@@ -48,3 +49,53 @@ class ModelStats:
             draft_tokens=self.draft_tokens,
             accepted_draft_tokens=self.accepted_draft_tokens,
         )
+
+
+class Admission:
+    """One request's share of its model's counters, balanced on every way out.
+
+    Entering counts it waiting (or refuses it when `max_waiting` are already
+    waiting); `queue_prefill` adds the prompt tokens it will prefill, `run` moves
+    it from waiting to running, `prefilled` takes its prefill off the queue at its
+    first token, and leaving undoes whatever is still counted.
+    """
+
+    def __init__(self, stats: ModelStats, max_waiting: int) -> None:
+        if stats.waiting >= max_waiting:
+            raise Overloaded(f"{stats.waiting} requests already waiting on this node; retry later")
+        self.stats = stats
+        self.running = False
+        self._queued = 0
+        self._closed = False
+        stats.waiting += 1
+
+    def queue_prefill(self, tokens: int) -> None:
+        self.stats.queued_prefill_tokens += tokens
+        self._queued += tokens
+
+    def run(self) -> None:
+        if not self.running:
+            self.stats.waiting -= 1
+            self.stats.running += 1
+            self.running = True
+
+    def prefilled(self) -> None:
+        self.stats.queued_prefill_tokens -= self._queued
+        self._queued = 0
+
+    def close(self) -> None:
+        """Leave the counters (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.prefilled()
+        if self.running:
+            self.stats.running -= 1
+        else:
+            self.stats.waiting -= 1
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
