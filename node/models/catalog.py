@@ -106,9 +106,7 @@ class Catalog:
 
     def _fingerprint(self, named: list[Path]) -> int:
         watched = [(self.models_dir, 2), *((d, 2) for d in self._gguf_folders())]
-        if self.hf_cache:
-            watched.append((self._hub(), 3))
-        return fingerprint(watched, named)
+        return fingerprint(watched, named, self._hub() if self.hf_cache else None)
 
     def _collect(self, named: list[Path]) -> dict[str, CatalogEntry]:
         """One pass; later places shadow earlier ones (the models dir wins)."""

@@ -10,6 +10,7 @@ unreadable, half-copied or corrupt is logged once and left out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,35 +201,84 @@ def scan_models_dir(models_dir: Path) -> dict[str, CatalogEntry]:
     return found
 
 
-def scan_hf_cache(cache_dir: Path | None = None) -> dict[str, CatalogEntry]:
-    """MLX-loadable models and GGUF files in the Hugging Face cache.
+def _hf_repos(root: Path) -> list[tuple[str, Path]]:
+    """(repo id, its snapshot to serve) of every model repo in a Hugging Face hub cache.
 
-    `cache_dir` defaults to huggingface_hub's own (`HF_HUB_CACHE` / `HF_HOME`).
+    huggingface_hub's layout: `models--ORG--NAME/{blobs,snapshots/REV,refs/main}`.
+    The snapshot is the one `refs/main` names, else the newest. Only folders are
+    listed here (no file is stat'ed): `scan_cache_dir` stats every cached file,
+    which on a cache of thousands of files takes long enough, holding the GIL, to
+    slow the node's token streams.
     """
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
+    out: list[tuple[str, Path]] = []
     try:
-        info = scan_cache_dir(cache_dir)
-    except CacheNotFound:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("cannot scan the Hugging Face cache: %s", exc)
-        return {}
-    found: dict[str, CatalogEntry] = {}
-    for repo in info.repos:
-        if repo.repo_type != "model" or not repo.revisions:
+        repos = sorted(
+            (e for e in os.scandir(root) if e.name.startswith("models--") and e.is_dir()),
+            key=lambda e: e.name,
+        )
+    except OSError:
+        return out  # no cache (yet)
+    for repo in repos:
+        snapshots = Path(repo.path) / "snapshots"
+        try:
+            revs = {e.name: e for e in os.scandir(snapshots) if e.is_dir()}
+        except OSError:
             continue
-        newest = max(repo.revisions, key=lambda r: r.last_modified)
-        entry = mlx_entry(repo.repo_id, Path(newest.snapshot_path), "hf-cache")
+        if not revs:
+            continue
+        try:
+            main = (Path(repo.path) / "refs" / "main").read_text().strip()
+        except OSError:
+            main = ""
+        if main not in revs:
+            main = max(revs.values(), key=lambda e: e.stat().st_mtime_ns).name
+        out.append((repo.name.removeprefix("models--").replace("--", "/"), snapshots / main))
+    return out
+
+
+def scan_hf_cache(cache_dir: Path | None = None) -> dict[str, CatalogEntry]:
+    """MLX-loadable models (by repo id) and GGUF files (by file name) in the HF cache.
+
+    `cache_dir` defaults to huggingface_hub's (`HF_HUB_CACHE`, else `$HF_HOME/hub`).
+    """
+    found: dict[str, CatalogEntry] = {}
+    for repo_id, snapshot in _hf_repos(cache_dir if cache_dir is not None else default_hf_cache()):
+        entry = mlx_entry(repo_id, snapshot, "hf-cache")
         if entry is not None:
             found[entry.id] = entry
             continue
-        for f in newest.files:
-            gguf = gguf_entry(Path(f.file_path), "hf-cache")
+        try:
+            names = sorted(n for n in os.listdir(snapshot) if n.lower().endswith(".gguf"))
+        except OSError:
+            continue
+        for name in names:
+            gguf = gguf_entry(snapshot / name, "hf-cache")
             if gguf is not None:
                 found.setdefault(gguf.id, gguf)
     return found
+
+
+def hf_fingerprint(root: Path) -> list[tuple[str, int, int]]:
+    """What `scan_hf_cache` depends on, by folder stats only: each repo, its snapshots
+    folder, each snapshot (a file landing there changes its mtime) and `refs/main`."""
+    out: list[tuple[str, int, int]] = []
+    paths: list[Path] = [root]
+    try:
+        repos = [Path(e.path) for e in os.scandir(root) if e.name.startswith("models--")]
+    except OSError:
+        repos = []
+    for repo in repos:
+        snaps = repo / "snapshots"
+        paths += [repo, snaps, repo / "refs" / "main"]
+        with contextlib.suppress(OSError):
+            paths += [Path(e.path) for e in os.scandir(snaps)]
+    for path in paths:
+        try:
+            st = path.stat()
+            out.append((str(path), st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(path), -1, -1))
+    return out
 
 
 def scan_named_paths(paths: Iterable[Path]) -> dict[str, CatalogEntry]:
@@ -263,13 +313,16 @@ def default_hf_cache() -> Path:
     return Path(hub).expanduser() if hub else hf_home() / "hub"
 
 
-def fingerprint(dirs: Iterable[tuple[Path, int]], files: Iterable[Path]) -> int:
+def fingerprint(
+    dirs: Iterable[tuple[Path, int]], files: Iterable[Path], hf_hub: Path | None = None
+) -> int:
     """A hash of what a rescan would look at, at the cost of stats only.
 
     `dirs`: (folder, depth): every entry down to `depth` levels below the
     folder, with its size and mtime (a file being copied in changes size; a
     new file or a finished download changes its folder's mtime). `files`:
     paths stat'ed one by one (config-named models, which may appear later).
+    `hf_hub`: a Hugging Face cache, by `hf_fingerprint`.
     """
     acc: list[tuple[str, int, int]] = []
 
@@ -296,4 +349,6 @@ def fingerprint(dirs: Iterable[tuple[Path, int]], files: Iterable[Path]) -> int:
             acc.append((str(f), st.st_size, st.st_mtime_ns))
         except OSError:
             acc.append((str(f), -1, -1))
+    if hf_hub is not None:
+        acc += hf_fingerprint(hf_hub)
     return hash(tuple(acc))
