@@ -35,14 +35,14 @@ from mesh.types import (
     TextDelta,
     TextPrompt,
 )
-from node.backends.mlx import (
+from node.backends.mlx import check_draft_tokenizer
+from node.backends.stats import ModelStats
+from node.config import (
     DEFAULT_NUM_DRAFT_TOKENS,
     NUM_DRAFT_TOKENS_ENV,
-    check_draft_tokenizer,
+    NodeConfig,
     resolve_num_draft_tokens,
 )
-from node.backends.stats import ModelStats
-from node.config import NodeConfig
 from tests.conftest import RunningNode, start_node
 
 STORY = "Once upon a time, a lighthouse keeper"

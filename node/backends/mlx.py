@@ -48,10 +48,7 @@ from node.backends.mlx_engine import Engine, GenJob
 from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
-from node.config import (  # the last three re-exported for callers of the old home
-    DEFAULT_NUM_DRAFT_TOKENS,
-    SamplingDefaults,
-)
+from node.config import DEFAULT_NUM_DRAFT_TOKENS, SamplingDefaults
 from node.models.catalog import Catalog, CatalogEntry
 from node.sampling import resolve_sampling
 
