@@ -254,7 +254,7 @@ async def test_kill_9_mid_stream_then_restart(models_dir: Path, tmp_path: Path) 
         async with NodeClient(running.target, timeout=120) as c:
             await collect(c, GenerateRequest(model=GGUF, prompt=PARIS, sampling=GREEDY))
             assert running.server.core is not None
-            (server,) = running.server.core.backend("gguf")._servers.values()
+            (server,) = running.server.core.backend("gguf").servers()
             assert server.proc is not None
             first_pid = server.proc.pid
             long = GenerateRequest(

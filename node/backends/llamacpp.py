@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +109,10 @@ class LlamaCppBackend:
         self.defaults = defaults
         self.max_waiting = max_waiting
         self._on_change = on_change or (lambda: None)
-        self._servers: dict[tuple[str, str], LlamaServer] = {}
-        self._parallel: dict[tuple[str, str], int] = {}
+        # Per (model, draft): its llama-server and what the node keeps for it.
+        self._served: dict[tuple[str, str], _Served] = {}
         self._stats: dict[str, ModelStats] = {}
         self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
-        # Per server: (its start time, its slots as the node assigned them).
-        self._schedulers: dict[tuple[str, str], tuple[float, SlotScheduler]] = {}
         self.block_size = block_size
         self._closing = False
         self._good_dirs: tuple[Path, ...] = ()
@@ -188,24 +186,23 @@ class LlamaCppBackend:
         draft = draft or settings.draft_model or ""
         did, dpath = self._resolve_file(draft, "draft") if draft else ("", None)
         key = (mid, did)
-        server = self._servers.get(key)
-        if server is None:
+        served = self._served.get(key)
+        if served is None:
             server = LlamaServer(
                 ServerSpec(mid, path, did, dpath), self.home, on_change=self._on_change
             )
-            self._servers[key] = server
-            self._parallel[key] = settings.parallel
+            served = self._served[key] = _Served(server, settings.parallel)
             self._stats.setdefault(mid, ModelStats())
-        return server
+        return served.server
 
     async def _ready(
         self, model_id: str, draft: str = "", *, explicit: bool = False
     ) -> LlamaServer:
         if self._closing:
             raise Unavailable("the node is shutting down")
-        known = self._servers.get((model_id, draft))
-        if known is not None and known.healthy:
-            return known  # the request path: no config read, no catalog lookup
+        known = self._served.get((model_id, draft))
+        if known is not None and known.server.healthy:
+            return known.server  # the request path: no config read, no catalog lookup
         server = self._server(model_id, draft)
         if server.healthy:
             return server
@@ -222,7 +219,8 @@ class LlamaCppBackend:
 
     def loaded(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {}
-        for (mid, _), server in self._servers.items():
+        for (mid, _), served in self._served.items():
+            server = served.server
             if not server.healthy or server.info is None:
                 continue
             prev = out.get(mid)
@@ -255,12 +253,10 @@ class LlamaCppBackend:
         return info, time.perf_counter() - t0
 
     async def unload(self, model_id: str) -> bool:
-        keys = [k for k in self._servers if k[0] == model_id]
-        was = any(self._servers[k].healthy for k in keys)
+        keys = [k for k in self._served if k[0] == model_id]
+        was = any(self._served[k].server.healthy for k in keys)
         for key in keys:
-            await self._servers.pop(key).stop()
-            self._parallel.pop(key, None)
-            self._schedulers.pop(key, None)
+            await self._served.pop(key).server.stop()
         self._stats.pop(model_id, None)
         return was
 
@@ -565,29 +561,31 @@ class LlamaCppBackend:
     # ---------- state ----------
 
     def _scheduler(self, server: LlamaServer) -> SlotScheduler:
-        key = server.spec.key
-        known = self._schedulers.get(key)
+        served = self._served[server.spec.key]
+        known = served.slots
         if known is None or known[0] != server.started_at:  # new, or restarted: empty slots
             stats = self._stats.setdefault(server.spec.model_id, ModelStats())
             sched = SlotScheduler(
                 server.spec.model_id,
-                self._parallel[key],
+                served.parallel,
                 block_size=self.block_size,
                 rates=lambda: (stats.prefill_tps, stats.decode_tps),
                 on_change=self._on_change,
             )
-            self._schedulers[key] = (server.started_at, sched)
+            served.slots = (server.started_at, sched)
             return sched
         return known[1]
 
     def cache_state(self) -> list[CachedPrefix]:
         """Block hashes of the prompts llama-server's slots hold, per model."""
         out: dict[str, dict[int, None]] = {}
-        for key, (started_at, sched) in self._schedulers.items():
-            server = self._servers.get(key)
-            if server is None or not server.healthy or server.started_at != started_at:
+        for (mid, _), served in self._served.items():
+            if served.slots is None:
                 continue
-            out.setdefault(key[0], {}).update(dict.fromkeys(sched.hashes()))
+            started_at, sched = served.slots
+            if not served.server.healthy or served.server.started_at != started_at:
+                continue
+            out.setdefault(mid, {}).update(dict.fromkeys(sched.hashes()))
         return [CachedPrefix(m, self.block_size, tuple(h)) for m, h in out.items() if h]
 
     def load_stats(self) -> list[ModelLoad]:
@@ -612,8 +610,23 @@ class LlamaCppBackend:
         deadline = time.monotonic() + grace
         while (self.running or self.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        servers, self._servers = list(self._servers.values()), {}
+        servers, self._served = self.servers(), {}
         await asyncio.gather(*(s.stop() for s in servers))
+
+    def servers(self) -> list[LlamaServer]:
+        """Every llama-server this backend has made (running or not)."""
+        return [s.server for s in self._served.values()]
+
+
+@dataclass
+class _Served:
+    """One llama-server (a model, with or without a draft) and what the node keeps for it."""
+
+    server: LlamaServer
+    # llama-server slots it was started with (`parallel` in gguf_config.json).
+    parallel: int
+    # The node's record of those slots, for the server process it was made for (its start time).
+    slots: tuple[float, SlotScheduler] | None = None
 
 
 class _StreamFailed(Exception):
