@@ -543,3 +543,26 @@ def test_node_failures_become_errors() -> None:
         chunker.feed(failed[2])
     with pytest.raises(errors.BackendError):
         chat_completion([Finish(FinishReason.CANCELLED, Usage())], META)
+
+
+def test_one_model_by_name_agrees_with_the_anthropic_surface(
+    coordinator: RunningCoordinator,
+) -> None:
+    """`GET /v1/models/{id}` answers for any name that resolves, like Anthropic's route."""
+    base = coordinator.base_url
+    ok = httpx.get(f"{base}/v1/models/{MODEL}")
+    assert ok.status_code == 200 and ok.json()["id"] == MODEL
+    assert httpx.get(f"{base}/anthropic/v1/models/{MODEL}").status_code == 200
+    r = httpx.post(f"{base}/api/aliases", json={"alias": "lab-*", "model": MODEL})
+    assert r.status_code == 200, r.text
+    try:
+        wild = httpx.get(f"{base}/v1/models/lab-fast")  # resolves through the wildcard
+        assert wild.status_code == 200 and wild.json()["id"] == "lab-fast"
+        assert httpx.get(f"{base}/anthropic/v1/models/lab-fast").status_code == 200
+    finally:
+        httpx.delete(f"{base}/api/aliases/lab-*")
+    missing = httpx.get(f"{base}/v1/models/no-such-model")
+    assert missing.status_code == 404
+    err = missing.json()["error"]
+    assert (err["code"], err["param"]) == ("model_not_found", "model")
+    assert httpx.get(f"{base}/anthropic/v1/models/no-such-model").status_code == 404

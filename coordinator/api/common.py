@@ -99,10 +99,15 @@ def openai_error_body(err: errors.MeshError) -> dict[str, Any]:
     }
 
 
-def openai_error(err: errors.MeshError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An OpenAI-style error response."""
+def openai_error(
+    err: errors.MeshError, headers: dict[str, str] | None = None, *, param: str | None = None
+) -> JSONResponse:
+    """An OpenAI-style error response; `param` fills in when the error names no field."""
+    body = openai_error_body(err)
+    if body["error"]["param"] is None and param:
+        body["error"]["param"] = param
     status = http_status(err)
-    return JSONResponse(openai_error_body(err), status, headers=_headers(status, headers))
+    return JSONResponse(body, status, headers=_headers(status, headers))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

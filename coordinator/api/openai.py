@@ -18,10 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from coordinator.api.common import (
-    RETRY_AFTER_SECONDS,
     Events,
     close_streams,
-    http_status,
+    openai_error,
     openai_error_body,
     parse_body,
     respond,
@@ -253,14 +252,7 @@ def _error(
     err: errors.MeshError, *, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The OpenAI envelope; `param` fills in when the error itself names no field."""
-    body = openai_error_body(err)
-    if body["error"]["param"] is None and param:
-        body["error"]["param"] = param
-    status = http_status(err)
-    out = dict(headers or {})
-    if status == 503:
-        out["retry-after"] = str(RETRY_AFTER_SECONDS)
-    return JSONResponse(body, status, headers=out)
+    return openai_error(err, headers, param=param)
 
 
 def _param(err: errors.MeshError, prompt_field: str) -> str | None:
@@ -378,8 +370,9 @@ async def list_models(request: Request) -> JSONResponse:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
-    """One model by id or alias; 404 in the OpenAI envelope when unknown."""
-    names = _service(request).available_names()
-    if model_id not in names:
-        return _error(errors.ModelNotFound(model_id, names), param="model")
+    """One model, by any name that resolves (as on the Anthropic surface); 404 otherwise."""
+    try:
+        _service(request).resolve(model_id)
+    except errors.MeshError as err:
+        return _error(err, param="model")
     return JSONResponse(_model_object(model_id))
