@@ -197,3 +197,19 @@ def llama_server_binary() -> Path:
         if sys.platform.startswith("linux"):
             pytest.fail(f"{exc.message} (run `make install`)")
         pytest.skip(f"no llama-server: {exc.message}")
+
+
+def wait_idle(node: RunningNode, timeout: float = 10.0, quiet: float = 0.5) -> None:
+    """The node's MLX engine has stopped: nothing running, and no token decoded for `quiet` s.
+
+    The first is a condition to wait for; the second can only be watched for a while.
+    """
+    assert node.server.core is not None
+    mlx = node.server.core.backend("mlx")
+    deadline = time.monotonic() + timeout
+    while mlx.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mlx.running == 0, "the generation kept running after the client left"
+    generated = mlx.tokens_generated
+    time.sleep(quiet)
+    assert mlx.tokens_generated == generated, "tokens were decoded after the client left"

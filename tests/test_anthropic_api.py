@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +36,7 @@ from mesh.types import (
     ToolCallEvent,
     Usage,
 )
-from tests.conftest import RunningCoordinator, RunningNode
+from tests.conftest import RunningCoordinator, RunningNode, wait_idle
 
 MODEL = "smollm2"
 QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
@@ -769,18 +768,6 @@ def test_max_tokens_above_the_context_is_clamped(client: anthropic.Anthropic) ->
         assert s.get_final_message().stop_reason in ("stop_sequence", "end_turn")
 
 
-def _wait_idle(node: RunningNode, timeout: float = 10.0) -> None:
-    assert node.server.core is not None
-    mlx = node.server.core.backend("mlx")
-    deadline = time.monotonic() + timeout
-    while mlx.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert mlx.running == 0, "the generation kept running after the client left"
-    generated = mlx.tokens_generated
-    time.sleep(1.0)
-    assert mlx.tokens_generated == generated
-
-
 @model
 @pytest.mark.parametrize(
     "leave_at",
@@ -807,7 +794,7 @@ def test_stream_disconnect_cancels_generation(
         for line in r.iter_lines():
             if line == leave_at:
                 break  # leaving closes the half-read response, and so the connection
-    _wait_idle(node)
+    wait_idle(node, quiet=1.0)
     assert node.server.core.backend("mlx").tokens_generated - before < 100
 
 
@@ -826,7 +813,7 @@ def test_non_stream_disconnect_cancels_generation(
         httpx.post(
             coordinator.base_url + "/v1/messages", json=body, timeout=httpx.Timeout(60, read=4)
         )
-    _wait_idle(node)
+    wait_idle(node, quiet=1.0)
     assert node.server.core.backend("mlx").tokens_generated - before < 100
 
 

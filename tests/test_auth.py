@@ -407,9 +407,11 @@ def test_mtls_end_to_end_through_node_and_coordinator_config(tmp_path: Path, pki
             ),
             wait_nodes=0,
         )
-        time.sleep(2)
-        (view,) = httpx.get(bad.base_url + "/api/nodes").json()["nodes"]
-        assert view["status"] != "online" and view["error"]
+        deadline = time.monotonic() + 10
+        while not (view := httpx.get(bad.base_url + "/api/nodes").json()["nodes"][0])["error"]:
+            assert time.monotonic() < deadline, "the node never reported its refusal"
+            time.sleep(0.05)
+        assert view["status"] != "online"
     finally:
         for c in (good, bad):
             if c is not None:

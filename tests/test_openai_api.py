@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 import httpx
@@ -37,7 +36,7 @@ from mesh.types import (
     ToolCallEvent,
     Usage,
 )
-from tests.conftest import RunningCoordinator, RunningNode
+from tests.conftest import RunningCoordinator, RunningNode, wait_idle
 
 pytestmark = pytest.mark.model
 
@@ -333,18 +332,6 @@ def test_bad_completion_requests(
 # ---------- cancellation ----------
 
 
-def _wait_idle(node: RunningNode) -> None:
-    assert node.server.core is not None
-    mlx = node.server.core.backend("mlx")
-    deadline = time.monotonic() + 5
-    while mlx.running and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert mlx.running == 0, "generation still running after the client left"
-    before = mlx.tokens_generated
-    time.sleep(0.5)
-    assert mlx.tokens_generated == before
-
-
 def test_disconnect_cancels_stream(coordinator: RunningCoordinator, node: RunningNode) -> None:
     body = {"model": MODEL, "messages": user("Tell me a long story."), "max_tokens": 300,
             "stream": True}  # fmt: skip
@@ -354,14 +341,14 @@ def test_disconnect_cancels_stream(coordinator: RunningCoordinator, node: Runnin
         lines = r.iter_lines()
         got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data")]
         assert len(got) >= 2
-    _wait_idle(node)
+    wait_idle(node)
 
 
 def test_disconnect_cancels_non_stream(coordinator: RunningCoordinator, node: RunningNode) -> None:
     body = {"model": MODEL, "messages": user("Tell me a long story."), "max_tokens": 300}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(coordinator.base_url + "/v1/chat/completions", json=body, timeout=1.5)
-    _wait_idle(node)
+    wait_idle(node)
 
 
 # ---------- pure: requests -> mesh.types ----------
