@@ -92,7 +92,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _procs import (
+
+from macmesh.bench.procs import (
     DEFAULT_MODEL_ID,
     ManagedProcess,
     ProcessError,
@@ -100,7 +101,7 @@ from _procs import (
     machine_info,
     prepare_default_model,
 )
-
+from macmesh.bench.stats import percentile
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (
@@ -560,16 +561,6 @@ def run_engine(
 
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100), numpy's default method."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summarize(rounds: Sequence[Round], cold: Sequence[Sample]) -> dict[str, Any]:

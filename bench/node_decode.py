@@ -53,8 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
-
+from macmesh.bench.procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (

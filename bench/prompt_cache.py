@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
-
+from macmesh.bench.procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
 from mesh.client import NodeClient
 from mesh.types import ChatPrompt, Finish, GenerateRequest, Message, SamplingParams, TextDelta
 from node.models.default import DEFAULT_GGUF_ID, DEFAULT_MODEL_ID

@@ -43,7 +43,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from macmesh.bench.stats import percentile
 from mesh.types import CachedPrefix
 from routing.policy import POLICY_NAMES, Candidate, Decision, RoundRobin, choose
 from routing.prefix import PrefixIndex, block_hashes
@@ -91,16 +91,6 @@ class Setup:
     build_s: float = 0.0
     memory_bytes: int = 0
     hash_ms: list[float] = field(default_factory=list)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100), numpy's default method."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:

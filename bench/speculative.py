@@ -60,8 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
-
+from macmesh.bench.procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (
@@ -74,7 +73,7 @@ from mesh.types import (
     SamplingParams,
     TextDelta,
 )
-from node.backends.mlx import DEFAULT_NUM_DRAFT_TOKENS, NUM_DRAFT_TOKENS_ENV
+from node.config import DEFAULT_NUM_DRAFT_TOKENS, NUM_DRAFT_TOKENS_ENV
 
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
 READY_PREFIX = "macmesh node listening on "

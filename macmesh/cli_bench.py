@@ -16,8 +16,8 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def cmd_bench_routing(args: argparse.Namespace) -> int:
-    from macmesh.bench_routing import RoutingBenchConfig, main
-    from macmesh.bench_workloads import WORKLOADS, WorkloadSpec
+    from macmesh.bench.routing import RoutingBenchConfig, main
+    from macmesh.bench.workloads import WORKLOADS, WorkloadSpec
 
     policies = _csv(args.policies)
     bad = [p for p in policies if p not in POLICY_NAMES]
@@ -75,7 +75,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
 
 
 def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
-    from macmesh.bench_workloads import DEFAULT_SIM_RATES, ORDERS, WORKLOADS, WorkloadSpec
+    from macmesh.bench.workloads import DEFAULT_SIM_RATES, ORDERS, WORKLOADS, WorkloadSpec
 
     d = WorkloadSpec()
     t = p.add_argument_group("target (one of)").add_mutually_exclusive_group(required=True)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 from prometheus_client import CollectorRegistry
@@ -38,6 +39,8 @@ from node.models.catalog import Catalog
 from node.models.named import NamedPaths
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B")
 
 
 def load_or_create_node_id(home: Path) -> str:
@@ -98,12 +101,12 @@ class NodeCore:
         for backend in self.backends:  # built-in models (simulated ones) load in no time
             self.load_seconds.update(dict.fromkeys(backend.loaded(), 0.0))
 
-    def backend(self, name: str) -> Backend:
-        """The backend called `name` (`mlx`, `gguf`, `sim`); KeyError when absent."""
+    def backend(self, kind: type[B]) -> B:
+        """This node's backend of class `kind` (typed, for tests and tools); KeyError if none."""
         for b in self.backends:
-            if b.name == name:
+            if isinstance(b, kind):
                 return b
-        raise KeyError(f"no {name!r} backend on this node")
+        raise KeyError(f"no {kind.__name__} on this node")
 
     def _model_dirs(self) -> tuple[Path, ...]:
         # Called by the catalog's watcher before and after the backends exist.

@@ -15,6 +15,7 @@ import pytest
 
 from mesh.client import NodeClient
 from node.app import NodeServer
+from node.backends.mlx import MLXBackend
 from node.config import CacheConfig, NodeConfig, SimModelSpec
 
 # Tests never touch the user's real state or the network.
@@ -205,7 +206,7 @@ def wait_idle(node: RunningNode, timeout: float = 10.0, quiet: float = 0.5) -> N
     The first is a condition to wait for; the second can only be watched for a while.
     """
     assert node.server.core is not None
-    mlx = node.server.core.backend("mlx")
+    mlx = node.server.core.backend(MLXBackend)
     deadline = time.monotonic() + timeout
     while mlx.running and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -36,6 +36,7 @@ from mesh.types import (
     ToolCallEvent,
     Usage,
 )
+from node.backends.mlx import MLXBackend
 from tests.conftest import RunningCoordinator, RunningNode, wait_idle
 
 MODEL = "smollm2"
@@ -780,7 +781,7 @@ def test_stream_disconnect_cancels_generation(
     coordinator: RunningCoordinator, node: RunningNode, leave_at: str
 ) -> None:
     assert node.server.core is not None
-    before = node.server.core.backend("mlx").tokens_generated
+    before = node.server.core.backend(MLXBackend).tokens_generated
     body = {
         "model": MODEL,
         "max_tokens": 300,
@@ -795,7 +796,7 @@ def test_stream_disconnect_cancels_generation(
             if line == leave_at:
                 break  # leaving closes the half-read response, and so the connection
     wait_idle(node, quiet=1.0)
-    assert node.server.core.backend("mlx").tokens_generated - before < 100
+    assert node.server.core.backend(MLXBackend).tokens_generated - before < 100
 
 
 @model
@@ -803,7 +804,7 @@ def test_non_stream_disconnect_cancels_generation(
     coordinator: RunningCoordinator, node: RunningNode
 ) -> None:
     assert node.server.core is not None
-    before = node.server.core.backend("mlx").tokens_generated
+    before = node.server.core.backend(MLXBackend).tokens_generated
     body = {
         "model": MODEL,
         "max_tokens": 300,
@@ -814,7 +815,7 @@ def test_non_stream_disconnect_cancels_generation(
             coordinator.base_url + "/v1/messages", json=body, timeout=httpx.Timeout(60, read=4)
         )
     wait_idle(node, quiet=1.0)
-    assert node.server.core.backend("mlx").tokens_generated - before < 100
+    assert node.server.core.backend(MLXBackend).tokens_generated - before < 100
 
 
 @model

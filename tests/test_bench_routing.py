@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from macmesh.bench_routing import (
+from macmesh.bench.routing import (
     RoutingBenchConfig,
     Sample,
     compare,
     gguf_threads,
     markdown,
-    percentile,
     run_bench,
     summarize,
 )
-from macmesh.bench_workloads import WORKLOADS, WorkloadSpec, build
+from macmesh.bench.stats import percentile
+from macmesh.bench.workloads import WORKLOADS, WorkloadSpec, build
 from node.config import CacheConfig, SimModelSpec
 from routing.policy import POLICY_NAMES
 from tests.conftest import RunningNode, start_sim_node
@@ -95,7 +96,7 @@ def test_gguf_nodes_do_not_oversubscribe_the_cores() -> None:
 
 
 def test_numbers() -> None:
-    assert percentile([], 50) == 0.0
+    assert math.isnan(percentile([], 50)) and percentile([], 50, empty=0.0) == 0.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 90) == 5.0
     samples = [

@@ -14,6 +14,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from mesh.client import NodeClient
 from mesh.types import ChatPrompt, GenerateRequest, Message, SamplingParams
+from node.backends.sim import SimBackend
 from node.config import CacheConfig, SimModelSpec
 from routing.prefix import block_hashes
 from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_sim_node
@@ -143,7 +144,7 @@ def test_an_eviction_reaches_the_index_within_100_ms(
         if n.server.core and n.server.core.node_id == first.headers["x-macmesh-node"]
     )
     assert target.server.core is not None
-    caches = target.server.core.backend("sim").caches
+    caches = target.server.core.backend(SimBackend).caches
     [(old_tokens, _)] = caches.slot_tokens(MODEL)
     old = caches.state()[MODEL]
     assert len(old) > 10

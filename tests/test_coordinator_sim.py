@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from coordinator.config import CoordinatorConfig
+from node.backends.sim import SimBackend
 from node.config import NodeConfig, SimModelSpec
 from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
 
@@ -156,7 +157,7 @@ def test_retry_on_another_node_before_the_first_token(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the request never reached a node"
             for n in (a, b):
                 assert n.server.core is not None
-                if n.server.core.backend("sim").running:  # type: ignore[union-attr]
+                if n.server.core.backend(SimBackend).running:  # type: ignore[union-attr]
                     victim = n
             time.sleep(0.01)
         victim.stop(grace=0.0)
@@ -166,7 +167,7 @@ def test_retry_on_another_node_before_the_first_token(tmp_path: Path) -> None:
         assert r.json()["usage"]["completion_tokens"] == 3
         survivor = b if victim is a else a
         assert survivor.server.core is not None
-        assert survivor.server.core.backend("sim").tokens_generated == 3  # type: ignore[union-attr]
+        assert survivor.server.core.backend(SimBackend).tokens_generated == 3  # type: ignore[union-attr]
     finally:
         coord.stop()
         for n in (a, b):

@@ -39,6 +39,7 @@ from mesh.types import (
     ToolCall,
     ToolCallEvent,
 )
+from node.backends.llamacpp import LlamaCppBackend
 from node.backends.llamacpp_server import GGUFSettings, LlamaServerError, find_llama_server
 from node.config import NodeConfig
 from node.models.default import DEFAULT_GGUF_ID
@@ -254,7 +255,7 @@ async def test_kill_9_mid_stream_then_restart(models_dir: Path, tmp_path: Path) 
         async with NodeClient(running.target, timeout=120) as c:
             await collect(c, GenerateRequest(model=GGUF, prompt=PARIS, sampling=GREEDY))
             assert running.server.core is not None
-            (server,) = running.server.core.backend("gguf").servers()
+            (server,) = running.server.core.backend(LlamaCppBackend).servers()
             assert server.proc is not None
             first_pid = server.proc.pid
             long = GenerateRequest(

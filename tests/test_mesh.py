@@ -142,7 +142,8 @@ def mesh(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             ),
             wait_nodes=0,
         )
-        yield Mesh(name, *procs, coordinator=coordinator)  # type: ignore[misc]
+        real, sim, coordinating, stray = procs
+        yield Mesh(name, real, sim, coordinating, stray, coordinator=coordinator)
         coordinator.stop()
     finally:
         for p in procs:

@@ -26,6 +26,7 @@ from mesh.types import (
     TokenPrompt,
     Tool,
 )
+from node.backends.mlx import MLXBackend
 from proto import node_pb2 as pb
 from proto import node_pb2_grpc as pb_grpc
 from tests.conftest import RunningNode
@@ -110,7 +111,7 @@ async def test_cancel_stops_generation_within_two_tokens(
     client: NodeClient, node: RunningNode
 ) -> None:
     assert node.server.core is not None
-    mlx = node.server.core.backend("mlx")
+    mlx = node.server.core.backend(MLXBackend)
     stream = client.generate(chat("Write a long story about a dragon.", max_tokens=400))
     async for ev in stream:
         if isinstance(ev, TextDelta):

@@ -90,7 +90,7 @@ QWEN3_CODER_BLOCK = (
 
 
 def mlx_json(text: str) -> Any:
-    return json_tools.parse_tool_call(text)
+    return json_tools.parse_tool_call(text)  # type: ignore[no-untyped-call]
 
 
 def mistral_like(text: str) -> dict[str, Any]:

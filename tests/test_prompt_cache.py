@@ -29,6 +29,7 @@ from mesh.types import (
     TextDelta,
     TokenPrompt,
 )
+from node.backends.mlx import MLXBackend
 from node.cache import (
     DEFAULT_MAX_TOKENS,
     CacheConfig,
@@ -437,7 +438,7 @@ def warm(cache_node: RunningNode) -> Warm:
 
 def _mlx(node: RunningNode) -> Any:
     assert node.server.core is not None
-    return node.server.core.backend("mlx")
+    return node.server.core.backend(MLXBackend)
 
 
 @pytest.mark.model

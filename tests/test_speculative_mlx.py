@@ -35,7 +35,7 @@ from mesh.types import (
     TextDelta,
     TextPrompt,
 )
-from node.backends.mlx import check_draft_tokenizer
+from node.backends.mlx import MLXBackend, check_draft_tokenizer
 from node.backends.stats import ModelStats
 from node.config import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -261,7 +261,7 @@ async def test_draft_tokens_are_the_drafts_forward_passes(
     from node.backends.mlx_engine import _SPECULATIVE_PREFILL_STEP
 
     assert spec_node.server.core is not None
-    mlx = spec_node.server.core.backend("mlx")
+    mlx = spec_node.server.core.backend(MLXBackend)
     lm = mlx._models["smollm2"]
     counting = _CountingModel(lm.model)
     # The same weights under another id, so only the draft's passes are counted.
@@ -311,7 +311,7 @@ async def test_cancel_stops_a_speculative_generation(
     spec_client: NodeClient, spec_node: RunningNode
 ) -> None:
     assert spec_node.server.core is not None
-    mlx = spec_node.server.core.backend("mlx")
+    mlx = spec_node.server.core.backend(MLXBackend)
     stream = spec_client.generate(text_req(STORY, "smollm2", temperature=0.0, max_tokens=400))
     async for ev in stream:
         if isinstance(ev, TextDelta):

@@ -1,7 +1,7 @@
 """The `macmesh` child processes the benchmarks start, and the default model they use.
 
-Imported by the scripts in this folder as `from _procs import ...`: they are run
-as `python bench/<script>.py`, which puts this folder on `sys.path`.
+Shared by the scripts in bench/ (`from macmesh.bench.procs import ...`) and the
+package's own benchmarks.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import secrets
 import signal
@@ -37,8 +36,9 @@ from typing import IO, Any
 import httpx
 
 from coordinator.config import CoordinatorConfig
-from macmesh import bench_workloads
-from macmesh.bench_workloads import DEFAULT_SIM_RATES, BenchRequest, WorkloadSpec
+from macmesh.bench import workloads
+from macmesh.bench.stats import percentile
+from macmesh.bench.workloads import DEFAULT_SIM_RATES, BenchRequest, WorkloadSpec
 from routing.policy import POLICY_NAMES
 
 SIM_MODEL = "sim-bench"
@@ -372,17 +372,6 @@ async def replay(
 # ---- the numbers ------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summarize(samples: Sequence[Sample], wall_s: float, nodes: dict[str, str]) -> dict[str, Any]:
     """One policy's numbers: hit rate, TTFT p50/p90, throughput, per-node load, reasons."""
     ok = [s for s in samples if s.ok]
@@ -397,9 +386,9 @@ def summarize(samples: Sequence[Sample], wall_s: float, nodes: dict[str, str]) -
         "prompt_tokens": prompt,
         "cached_tokens": cached,
         "hit_rate": cached / prompt if prompt else 0.0,
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p90_s": percentile(ttfts, 90),
-        "total_p50_s": percentile([s.total_s for s in ok], 50),
+        "ttft_p50_s": percentile(ttfts, 50, empty=0.0),
+        "ttft_p90_s": percentile(ttfts, 90, empty=0.0),
+        "total_p50_s": percentile([s.total_s for s in ok], 50, empty=0.0),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
@@ -457,7 +446,7 @@ def _run_on(config: RoutingBenchConfig, peers: list[str], workdir: Path) -> dict
         per_policy: dict[str, dict[str, Any]] = {}
         for policy in config.policies:
             salt = f"[run {secrets.token_hex(6)}]"
-            requests = bench_workloads.build(workload, spec, salt)
+            requests = workloads.build(workload, spec, salt)
             with coordinator(peers, policy, workdir / f"coord-{policy}", config.secret) as url:
                 chosen, backend = pick_model(url, model, len(peers))
                 model, nodes = chosen, node_ids(url)
