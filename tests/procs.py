@@ -1,17 +1,14 @@
-"""Real `macmesh` processes for tests: spawn, wait until they answer, stop the whole group.
+"""Real `macmesh` processes for tests, on the benchmarks' harness (macmesh.bench.procs).
 
 Processes run as launchd (or a terminal) runs them: `macmesh node` /
-`macmesh coordinator` with their own `MACMESH_HOME`, logs to a file. An
+`macmesh coordinator` with their own `MACMESH_HOME`, stderr to a log file. An
 optional `prefix` (e.g. `nsenter -t PID -n`) runs them in another namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from macmesh.bench.procs import ManagedProcess
 
 MACMESH = str(Path(sys.executable).parent / "macmesh")
 
@@ -32,58 +31,57 @@ def free_port() -> int:
 
 @dataclass
 class Proc:
-    """One spawned process group and its log."""
+    """One spawned process and its log."""
 
-    popen: subprocess.Popen[bytes]
-    log: Path
-    name: str
+    process: ManagedProcess
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    @property
+    def log(self) -> Path:
+        return self.process.log_path
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        proc = self.process.proc
+        return proc is not None and proc.poll() is None
+
+    def returncode(self) -> int | None:
+        proc = self.process.proc
+        return None if proc is None else proc.poll()
 
 
 @dataclass
 class Procs:
-    """Every process a test started; `stop_all` ends them (and their children)."""
+    """Every process a test started; `stop_all` ends them (SIGTERM, then SIGKILL)."""
 
     logs: Path
     prefix: Sequence[str] = ()
     started: list[Proc] = field(default_factory=list)
 
     def spawn(self, name: str, args: Sequence[str], env: dict[str, str]) -> Proc:
-        log = self.logs / f"{name}.log"
-        out = log.open("ab")
-        popen = subprocess.Popen(
-            [*self.prefix, *args],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        """Start `args` (the program first) with `env`, which names its MACMESH_HOME."""
+        process = ManagedProcess(
+            name,
+            args[1:],
+            home=Path(env["MACMESH_HOME"]),
+            log_path=self.logs / f"{name}.log",
+            ready="macmesh ",
+            exe=[*self.prefix, args[0]],
+            env=env,
         )
-        out.close()
-        proc = Proc(popen, log, name)
+        process.start()
+        proc = Proc(process)
         self.started.append(proc)
         return proc
 
-    def stop(self, proc: Proc, timeout: float = 20) -> None:
-        """SIGTERM to the group (a node drains and stops its llama-servers), then SIGKILL."""
-        if proc.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(5)
-
     def stop_all(self) -> None:
         for proc in reversed(self.started):
-            self.stop(proc)
+            proc.process.stop()
 
 
 def wait_until(
@@ -97,7 +95,7 @@ def wait_until(
                 return time.monotonic() - t0
         for p in procs:
             if not p.alive():
-                raise AssertionError(f"{p.name} exited ({p.popen.returncode}):\n{p.text()[-4000:]}")
+                raise AssertionError(f"{p.name} exited ({p.returncode()}):\n{p.text()[-4000:]}")
         if time.monotonic() - t0 > timeout:
             logs = "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
             raise AssertionError(f"{what}: not within {timeout:.0f}s\n{logs}")

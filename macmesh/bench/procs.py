@@ -52,7 +52,8 @@ class ManagedProcess:
     stdout is read line by line (a thread fills a queue) to find the line that
     starts with `ready`; stderr goes to `log_path`. `label` names the process
     in error messages; `tail_on_exit` adds the log tail to the error when it
-    exits during start-up.
+    exits during start-up; `unset` names variables of this environment the
+    child must not inherit.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class ManagedProcess:
         label: str = "",
         tail_on_exit: bool = True,
         env: Mapping[str, str] | None = None,
+        unset: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.args = list(args)
@@ -77,6 +79,7 @@ class ManagedProcess:
         self.label = label or name
         self.tail_on_exit = tail_on_exit
         self.env = dict(env or {})
+        self.unset = tuple(unset)
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._log: IO[bytes] | None = None
@@ -89,6 +92,8 @@ class ManagedProcess:
             "MACMESH_HOME": str(self.home),
             "PYTHONUNBUFFERED": "1",
         }
+        for name in self.unset:
+            env.pop(name, None)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*self.exe, *self.args], stdout=subprocess.PIPE, stderr=self._log, env=env, text=True

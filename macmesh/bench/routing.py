@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,12 +30,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
 from coordinator.config import CoordinatorConfig
 from macmesh.bench import workloads
+from macmesh.bench.procs import ManagedProcess
 from macmesh.bench.stats import percentile
 from macmesh.bench.workloads import DEFAULT_SIM_RATES, BenchRequest, WorkloadSpec
 from routing.policy import POLICY_NAMES
@@ -95,53 +95,6 @@ class Sample:
 # ---- the mesh ---------------------------------------------------------------------------
 
 
-class _Child:
-    """A `macmesh node` child process with its own MACMESH_HOME and log file."""
-
-    def __init__(self, args: Sequence[str], home: Path, env: dict[str, str]) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.log_path = home / "node.log"
-        self._log: IO[bytes] = self.log_path.open("wb")
-        full_env = {**os.environ, **env, "MACMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        full_env.pop("MACMESH_SECRET", None)  # loopback children: open links
-        exe = [sys.executable, "-m", "macmesh"]
-        self.proc = subprocess.Popen(
-            [*exe, *args], stdout=subprocess.PIPE, stderr=self._log, env=full_env, text=True
-        )
-
-    def wait_ready(self, timeout: float) -> str:
-        """The node's HOST:PORT, from its `macmesh node listening on` line."""
-        assert self.proc.stdout is not None
-        result: list[str] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(READY):
-                    result.append(line[len(READY) :].strip())
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not result:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
-            raise RuntimeError("node did not start:\n" + "\n".join(tail))
-        # Keep draining stdout so the child never blocks on a full pipe.
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-        return result[0]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 @contextmanager
 def _children(
     n: int,
@@ -151,13 +104,24 @@ def _children(
     setup: Callable[[Path], None] | None = None,
 ) -> Iterator[list[str]]:
     """Start n node children in parallel; yield their addresses; always stop them."""
-    kids: list[_Child] = []
+    kids: list[ManagedProcess] = []
     try:
         for i in range(n):
             home = workdir / f"node{i}"
             if setup is not None:
                 setup(home)
-            kids.append(_Child(args, home, env))
+            kid = ManagedProcess(
+                f"node{i}",
+                args,
+                home=home,
+                log_path=home / "node.log",
+                ready=READY,
+                exe=[sys.executable, "-m", "macmesh"],
+                env=env,
+                unset=("MACMESH_SECRET",),  # loopback children: open links
+            )
+            kids.append(kid)
+            kid.start()
         yield [k.wait_ready(START_TIMEOUT_S) for k in kids]
     finally:
         for k in kids:
