@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
@@ -30,7 +29,6 @@ from mesh.errors import (
     ModelLoadError,
     ModelNotFound,
     Overloaded,
-    PromptTooLong,
     Unavailable,
 )
 from mesh.types import (
@@ -51,10 +49,9 @@ from mesh.types import (
 )
 from node.backends.base import BackendContext
 from node.backends.chat_template import (
-    FALLBACK_TOOL_END,
-    FALLBACK_TOOL_START,
     build_template_input,
 )
+from node.backends.common import check_prompt, drain, request_id, with_fallback_tools
 from node.backends.llamacpp_server import (
     GGUFSettings,
     LlamaServer,
@@ -74,7 +71,7 @@ from node.backends.llamacpp_wire import (
     usage_of,
     wire_message,
 )
-from node.backends.outparse import OutputParser, ParserConfig, json_tool_call_parser, new_call_id
+from node.backends.outparse import OutputParser, ParserConfig, new_call_id
 from node.backends.sse import SSEError, post_json, post_sse
 from node.backends.stats import Admission, ModelStats
 from node.config import SamplingDefaults
@@ -383,21 +380,15 @@ class LlamaCppBackend:
                 ids = list(prompt.ids)
             body = {"prompt": ids}
             pkey = PromptKey(tuple(ids))
-            self._check_length(ids, n_ctx)
+            check_prompt(ids, n_ctx)
         if n_ctx:
             # Chats are counted in parallel: llama-server stops at the end of the context.
             room = n_ctx - len(ids) if ids else n_ctx
             sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
         body.update(sampling_body(sampling, chat=count is not None))
         stats = self._stats.setdefault(server.spec.model_id, ModelStats())
-        parser = OutputParser(
-            ParserConfig(
-                stop=sampling.stop,
-                tool_call_start=FALLBACK_TOOL_START if fallback_tools else None,
-                tool_call_end=FALLBACK_TOOL_END if fallback_tools else None,
-                parse_tool_call=json_tool_call_parser if fallback_tools else None,
-            )
-        )
+        cfg = ParserConfig(stop=sampling.stop)
+        parser = OutputParser(with_fallback_tools(cfg) if fallback_tools else cfg)
         run = StreamRun(timings={})
         events: asyncio.Queue[GenerateEvent | _StreamFailed | None] = asyncio.Queue()
         producer: asyncio.Task[None] | None = None
@@ -426,13 +417,13 @@ class LlamaCppBackend:
                 producer = send(ticket)
             if count is not None:
                 ids = (await count)[0]
-                self._check_length(ids, n_ctx)
+                check_prompt(ids, n_ctx)
                 sched.refine(ticket, ids)
             # Work to prefill: what the slot (chosen, or likely) does not hold.
             reuse = ticket.matched if ticket.slot is not None else sched.predicted(ticket.key)
             admission.queue_prefill(max(len(ids) - reuse, 0))
             yield Started(
-                request_id=request.request_id or f"req_{uuid.uuid4().hex[:16]}",
+                request_id=request_id(request),
                 model=server.spec.model_id,
                 prompt_tokens=len(ids),
                 queue_position=0 if producer is not None else position + 1,
@@ -493,13 +484,6 @@ class LlamaCppBackend:
                 sched.release(ticket, ids=ids or None, failed=failed or not prefilled)
             admission.close()
             self._on_change()
-
-    @staticmethod
-    def _check_length(ids: list[int], n_ctx: int) -> None:
-        if not ids:
-            raise InvalidRequest("the prompt is empty", field="input")
-        if n_ctx and len(ids) >= n_ctx:
-            raise PromptTooLong(len(ids), n_ctx)
 
     async def _produce(
         self,
@@ -607,9 +591,7 @@ class LlamaCppBackend:
     async def close(self, grace: float) -> None:
         """Refuse new work, give in-flight streams `grace` s, then stop every server."""
         self._closing = True
-        deadline = time.monotonic() + grace
-        while (self.running or self.waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await drain(lambda: self.running + self.waiting, grace)
         servers, self._served = self.servers(), {}
         await asyncio.gather(*(s.stop() for s in servers))
 

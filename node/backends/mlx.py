@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,6 @@ from mesh.errors import (
     ModelLoadError,
     ModelNotFound,
     Overloaded,
-    PromptTooLong,
     Unavailable,
 )
 from mesh.types import (
@@ -39,13 +37,12 @@ from mesh.types import (
 )
 from node.backends.base import BackendContext
 from node.backends.chat_template import (
-    FALLBACK_TOOL_END,
-    FALLBACK_TOOL_START,
     build_template_input,
     template_supports_tools,
 )
+from node.backends.common import check_prompt, drain, request_id, room, with_fallback_tools
 from node.backends.mlx_engine import Engine, GenJob
-from node.backends.outparse import ParserConfig, json_tool_call_parser, prompt_opens_reasoning
+from node.backends.outparse import ParserConfig, prompt_opens_reasoning
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
 from node.config import DEFAULT_NUM_DRAFT_TOKENS, SamplingDefaults
@@ -373,12 +370,7 @@ class MLXBackend:
                     parse_tool_call=parse,
                 )
             else:
-                cfg = replace(
-                    cfg,
-                    tool_call_start=FALLBACK_TOOL_START,
-                    tool_call_end=FALLBACK_TOOL_END,
-                    parse_tool_call=json_tool_call_parser,
-                )
+                cfg = with_fallback_tools(cfg)
         return cfg
 
     # ---------- prompt cache ----------
@@ -424,19 +416,13 @@ class MLXBackend:
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
-        if not ids:
-            raise InvalidRequest("the prompt is empty", field="input")
-        if len(ids) >= lm.context_length:
-            raise PromptTooLong(len(ids), lm.context_length)
-        # Clamp rather than reject: clients ask for more than fits all the time.
-        sampling = replace(
-            sampling, max_tokens=min(sampling.max_tokens, lm.context_length - len(ids))
-        )
+        check_prompt(ids, lm.context_length)
+        sampling = replace(sampling, max_tokens=room(sampling.max_tokens, ids, lm.context_length))
         if self._engine.waiting >= self._engine.max_waiting:
             raise Overloaded(
                 f"{self._engine.waiting} requests already waiting on this node; retry later"
             )
-        request_id = request.request_id or f"req_{uuid.uuid4().hex[:16]}"
+        rid = request_id(request)
         self._loop = asyncio.get_running_loop()
         hashes: list[int] | None = None
         predicted = 0
@@ -445,7 +431,7 @@ class MLXBackend:
             hashes = self._caches.hashes(lm.entry.id, ids)
             predicted = self._caches.predict(lm.entry.id, ids, hashes)
         job = GenJob(
-            request_id=request_id,
+            request_id=rid,
             model_id=lm.entry.id,
             model=lm.model,
             tokenizer=lm.tokenizer,
@@ -463,7 +449,7 @@ class MLXBackend:
         position = self._engine.submit(job)
         try:
             yield Started(
-                request_id=request_id,
+                request_id=rid,
                 model=lm.entry.id,
                 prompt_tokens=len(ids),
                 queue_position=position,
@@ -497,9 +483,7 @@ class MLXBackend:
     async def close(self, grace: float) -> None:
         """Refuse new work, let in-flight streams finish for `grace` s, then cancel."""
         self._closing = True
-        deadline = time.monotonic() + grace
-        while (self._engine.running or self._engine.waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await drain(lambda: self._engine.running + self._engine.waiting, grace)
         await asyncio.to_thread(self._engine.stop)
         self._models.clear()
 

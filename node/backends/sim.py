@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
-from mesh.errors import InvalidRequest, ModelNotFound, PromptTooLong, Unavailable
+from mesh.errors import ModelNotFound, Unavailable
 from mesh.types import (
     CachedPrefix,
     ChatPrompt,
@@ -41,6 +40,7 @@ from mesh.types import (
 )
 from node.backends.base import BackendContext
 from node.backends.chat_template import validate_chat
+from node.backends.common import check_prompt, drain, request_id, room
 from node.backends.outparse import OutputParser, ParserConfig
 from node.cache import Lease, PromptCaches
 from node.config import CacheConfig, SamplingDefaults, SimModelSpec
@@ -168,13 +168,10 @@ class SimBackend:
             ids = sim_tokenize(prompt.text)
         else:
             ids = list(prompt.ids)
-        if not ids:
-            raise InvalidRequest("the prompt is empty", field="input")
-        if len(ids) >= spec.context_length:
-            raise PromptTooLong(len(ids), spec.context_length)
-        max_tokens = min(sampling.max_tokens, spec.context_length - len(ids))
+        check_prompt(ids, spec.context_length)
+        max_tokens = room(sampling.max_tokens, ids, spec.context_length)
         parser = OutputParser(ParserConfig(stop=sampling.stop))
-        request_id = request.request_id or f"sim_{uuid.uuid4().hex[:16]}"
+        rid = request_id(request, "sim")
         self._running[spec.name] += 1
         hashes = self.caches.hashes(spec.name, ids)
         # Work queued counts what will likely be prefilled (the cache as it is now).
@@ -187,7 +184,7 @@ class SimBackend:
         lease: Lease | None = None
         reason = FinishReason.LENGTH
         try:
-            yield Started(request_id, spec.name, len(ids))
+            yield Started(rid, spec.name, len(ids))
             async with self._prefill_lock[spec.name]:  # one prefill at a time, FIFO
                 started = time.perf_counter()
                 lease = self.caches.acquire(spec.name, ids, lambda: [_SimLayer()], hashes)
@@ -260,9 +257,7 @@ class SimBackend:
 
     async def close(self, grace: float) -> None:
         self._closing = True
-        deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await drain(lambda: self.running, grace)
 
 
 def create(ctx: BackendContext) -> SimBackend | None:
