@@ -12,7 +12,7 @@ from mesh.paths import macmesh_home
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from node.backends.llamacpp_server import GGUFSettings, LlamaServerError
+    from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError
     from node.models.catalog import Catalog
     from node.models.named import NamedPaths
 

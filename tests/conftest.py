@@ -190,7 +190,7 @@ def llama_server_binary() -> Path:
     there is a broken install); elsewhere it comes from `brew install llama.cpp`."""
     import sys
 
-    from node.backends.llamacpp_server import LlamaServerError, find_llama_server
+    from node.backends.llamacpp_settings import LlamaServerError, find_llama_server
 
     try:
         return find_llama_server(None)

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from macmesh.bench.routing import (
-    RoutingBenchConfig,
-    Sample,
-    compare,
-    gguf_threads,
-    markdown,
-    run_bench,
-    summarize,
-)
+from macmesh.bench.report import Sample, compare, markdown, summarize
+from macmesh.bench.routing import RoutingBenchConfig, gguf_threads, run_bench
 from macmesh.bench.stats import percentile
 from macmesh.bench.workloads import WORKLOADS, WorkloadSpec, build
 from node.config import CacheConfig, SimModelSpec

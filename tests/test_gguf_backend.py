@@ -40,7 +40,7 @@ from mesh.types import (
     ToolCallEvent,
 )
 from node.backends.llamacpp import LlamaCppBackend
-from node.backends.llamacpp_server import GGUFSettings, LlamaServerError, find_llama_server
+from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError, find_llama_server
 from node.config import NodeConfig
 from node.models.default import DEFAULT_GGUF_ID
 from tests.conftest import RunningNode, start_node

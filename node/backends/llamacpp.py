@@ -52,13 +52,8 @@ from node.backends.chat_template import (
     build_template_input,
 )
 from node.backends.common import check_prompt, drain, request_id, with_fallback_tools
-from node.backends.llamacpp_server import (
-    GGUFSettings,
-    LlamaServer,
-    LlamaServerError,
-    ServerSpec,
-    reap_orphans,
-)
+from node.backends.llamacpp_server import LlamaServer, ServerSpec, reap_orphans
+from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError
 from node.backends.llamacpp_slots import PromptKey, SlotScheduler, Ticket
 from node.backends.llamacpp_wire import (
     FINISH,
