@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,10 +47,8 @@ from mesh.types import (
     ToolCallEvent,
 )
 from node.backends.base import BackendContext
-from node.backends.chat_template import (
-    build_template_input,
-)
 from node.backends.common import check_prompt, drain, request_id, with_fallback_tools
+from node.backends.llamacpp_render import RenderMemo, chat_body, tokenize_text
 from node.backends.llamacpp_server import LlamaServer, ServerSpec, reap_orphans
 from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError
 from node.backends.llamacpp_slots import PromptKey, SlotScheduler, Ticket
@@ -62,12 +59,10 @@ from node.backends.llamacpp_wire import (
     error_text,
     json_or_text,
     sampling_body,
-    tool_call_grammar,
     usage_of,
-    wire_message,
 )
 from node.backends.outparse import OutputParser, ParserConfig, new_call_id
-from node.backends.sse import SSEError, post_json, post_sse
+from node.backends.sse import SSEError, post_sse
 from node.backends.stats import Admission, ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
@@ -75,9 +70,6 @@ from node.sampling import resolve_sampling
 from routing.prefix import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
-
-# Recent chat renders remembered (see _render_ids).
-_RENDER_MEMO = 64
 
 
 class LlamaCppBackend:
@@ -104,7 +96,7 @@ class LlamaCppBackend:
         # Per (model, draft): its llama-server and what the node keeps for it.
         self._served: dict[tuple[str, str], _Served] = {}
         self._stats: dict[str, ModelStats] = {}
-        self._renders: OrderedDict[tuple[Any, ...], tuple[list[int], str]] = OrderedDict()
+        self._renders = RenderMemo()
         self.block_size = block_size
         self._closing = False
         self._good_dirs: tuple[Path, ...] = ()
@@ -252,83 +244,13 @@ class LlamaCppBackend:
         self._stats.pop(model_id, None)
         return was
 
-    # ---------- rendering ----------
-
-    @staticmethod
-    async def _post(server: LlamaServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if not server.healthy:
-            raise Unavailable(server.crashed or f"llama-server for {server.spec.label} is down")
-        try:
-            status, data = await post_json("127.0.0.1", server.port, path, body)
-        except SSEError as exc:
-            raise Unavailable(f"llama-server for {server.spec.label}: {exc}") from None
-        if status == 400:
-            raise InvalidRequest(f"llama-server: {error_text(data)}")
-        if status != 200:
-            raise Unavailable(
-                f"llama-server for {server.spec.label}: HTTP {status}: {error_text(data)}"
-            )
-        return data if isinstance(data, dict) else {}
-
-    @staticmethod
-    def _chat_body(server: LlamaServer, chat: ChatPrompt) -> tuple[dict[str, Any], bool]:
-        """The OpenAI-style chat body, and whether tools ride in the system prompt."""
-        assert server.info is not None
-        native = server.info.supports_tools or not chat.tools
-        inp = build_template_input(chat, native_tools=native)
-        body: dict[str, Any] = {"messages": [wire_message(m) for m in inp.messages]}
-        if inp.tools:
-            body["tools"] = inp.tools
-        if chat.enable_thinking is not None:
-            body["chat_template_kwargs"] = {"enable_thinking": chat.enable_thinking}
-        if not chat.add_generation_prompt:
-            body["add_generation_prompt"] = False
-        if chat.tool_required and chat.tools:
-            if native:
-                body["tool_choice"] = "required"
-            else:
-                body["grammar"] = tool_call_grammar([t.name for t in chat.tools])
-        return body, not native
-
-    def _memo_key(self, server: LlamaServer, body: dict[str, Any]) -> tuple[Any, ...]:
-        return (server.spec.key, server.started_at, json.dumps(body, sort_keys=True))
-
-    async def _render_ids(
-        self,
-        server: LlamaServer,
-        chat: ChatPrompt,
-        body: dict[str, Any] | None = None,
-        key: tuple[Any, ...] | None = None,
-    ) -> tuple[list[int], str]:
-        """`chat` rendered and counted by llama-server; `body`/`key` if already built."""
-        body = body if body is not None else self._chat_body(server, chat)[0]
-        # A coordinator renders (RenderPrompt) right before it generates the same chat:
-        # remembering the result spares llama-server the second count.
-        key = key if key is not None else self._memo_key(server, body)
-        hit = self._renders.get(key)
-        if hit is not None:
-            self._renders.move_to_end(key)
-            return hit
-        prompt = (await self._post(server, "/apply-template", body)).get("prompt", "")
-        ids = await self._tokenize(server, str(prompt), True)
-        self._renders[key] = (ids, str(prompt))
-        while len(self._renders) > _RENDER_MEMO:
-            self._renders.popitem(last=False)
-        return ids, str(prompt)
-
-    async def _tokenize(self, server: LlamaServer, text: str, add_special: bool) -> list[int]:
-        data = await self._post(
-            server,
-            "/tokenize",
-            {"content": text, "add_special": add_special, "parse_special": True},
-        )
-        return [int(t) for t in data.get("tokens", [])]
+    # ---------- rendering (node.backends.llamacpp_render) ----------
 
     async def render(
         self, model_id: str, chat: ChatPrompt, include_text: bool = False
     ) -> RenderedPrompt:
         server = await self._ready(model_id)
-        ids, text = await self._render_ids(server, chat)
+        ids, text = await self._renders.render_ids(server, chat)
         assert server.info is not None
         return RenderedPrompt(
             token_ids=tuple(ids),
@@ -337,7 +259,7 @@ class LlamaCppBackend:
         )
 
     async def tokenize(self, model_id: str, text: str, add_special_tokens: bool) -> list[int]:
-        return await self._tokenize(await self._ready(model_id), text, add_special_tokens)
+        return await tokenize_text(await self._ready(model_id), text, add_special_tokens)
 
     # ---------- generation ----------
 
@@ -359,18 +281,18 @@ class LlamaCppBackend:
         fallback_tools = bool(request.all_tools)
         if isinstance(prompt, ChatPrompt):
             endpoint = "/v1/chat/completions"
-            body, fallback_tools = self._chat_body(server, prompt)
-            memo = self._memo_key(server, body)
-            known = self._renders.get(memo)  # a coordinator's RenderPrompt, just before
+            body, fallback_tools = chat_body(server, prompt)
+            memo = self._renders.key(server, body)
+            known = self._renders.known(memo)  # a coordinator's RenderPrompt, just before
             pkey = PromptKey.of_chat_body(body, known[0] if known is not None else None)
-            count = asyncio.create_task(self._render_ids(server, prompt, dict(body), memo))
+            count = asyncio.create_task(self._renders.render_ids(server, prompt, dict(body), memo))
             ids: list[int] = []
         else:
             endpoint = "/completion"
             if isinstance(prompt, TextPrompt):
                 if not prompt.text:
                     raise InvalidRequest("must not be empty", field="text")
-                ids = await self._tokenize(server, prompt.text, True)
+                ids = await tokenize_text(server, prompt.text, True)
             else:
                 ids = list(prompt.ids)
             body = {"prompt": ids}
