@@ -255,7 +255,10 @@ async def test_mlx_generation_moves_node_metrics(node: RunningNode, client: Node
 
     before = values()
     req = GenerateRequest(
-        "smollm2", TextPrompt("The capital of France is"), SamplingParams(max_tokens=3)
+        "smollm2",
+        TextPrompt("The capital of France is"),
+        # Greedy: sampled at the default temperature, the model may end after 1 or 2 tokens.
+        SamplingParams(max_tokens=3, temperature=0),
     )
     events = [e async for e in client.generate(req)]
     usage = events[-1].usage if isinstance(events[-1], Finish) else Usage()
