@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -120,19 +121,22 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
-def _dir_fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
-    out: list[tuple[str, int, int]] = []
+def _stat_entries(path: Path) -> list[tuple[os.DirEntry[str], os.stat_result]] | None:
+    """Each entry of folder `path` with its stat (links followed); None if unreadable."""
+    out: list[tuple[os.DirEntry[str], os.stat_result]] = []
     try:
         with os.scandir(path) as it:
             for e in it:
-                try:
-                    st = e.stat()
-                except OSError:
-                    continue
-                out.append((e.name, st.st_size, st.st_mtime_ns))
+                with contextlib.suppress(OSError):  # gone, or a dangling link
+                    out.append((e, e.stat()))
     except OSError:
-        return ()
-    return tuple(sorted(out))
+        return None
+    return out
+
+
+def _dir_fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    entries = _stat_entries(path) or []
+    return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e, st in entries))
 
 
 def mlx_entry(model_id: str, path: Path, source: str) -> CatalogEntry | None:
@@ -327,19 +331,14 @@ def fingerprint(
     acc: list[tuple[str, int, int]] = []
 
     def walk(path: Path, depth: int) -> None:
-        try:
-            with os.scandir(path) as it:
-                for e in it:
-                    try:
-                        st = e.stat()
-                        is_dir = e.is_dir()
-                    except OSError:
-                        continue
-                    acc.append((e.path, st.st_size, st.st_mtime_ns))
-                    if is_dir and depth > 1:
-                        walk(Path(e.path), depth - 1)
-        except OSError:
+        entries = _stat_entries(path)
+        if entries is None:
             acc.append((str(path), -1, -1))
+            return
+        for e, st in entries:
+            acc.append((e.path, st.st_size, st.st_mtime_ns))
+            if stat.S_ISDIR(st.st_mode) and depth > 1:
+                walk(Path(e.path), depth - 1)
 
     for folder, depth in dirs:
         walk(folder, depth)
