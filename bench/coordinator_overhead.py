@@ -77,22 +77,31 @@ import asyncio
 import datetime
 import itertools
 import json
-import math
 import os
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from macmesh.bench.overhead import (
+    PATHS,
+    Round,
+    b2b_table,
+    make_round,
+    rounds_table,
+    summarize,
+    summarize_b2b,
+    summary_table,
+    verdict,
+)
 from macmesh.bench.procs import (
     DEFAULT_MODEL_ID,
     ManagedProcess,
@@ -101,19 +110,13 @@ from macmesh.bench.procs import (
     machine_info,
     prepare_default_model,
 )
-from macmesh.bench.stats import percentile
+from macmesh.bench.stats import median
+from macmesh.bench.streams import BenchError, Sample, run_anthropic, run_direct, run_openai
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (
     ChatPrompt,
-    ErrorEvent,
-    Finish,
-    GenerateRequest,
     Message,
-    ReasoningDelta,
-    SamplingParams,
-    TextDelta,
-    ToolCallEvent,
 )
 
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
@@ -121,228 +124,16 @@ MLX_MODEL_ID = DEFAULT_MODEL_ID  # what `macmesh models prepare-default` imports
 SIM_MODEL_ID = "sim"
 # Distributions whose versions go into the JSON report.
 VERSIONED = ("grpcio", "httpx", "fastapi", "uvicorn", "mlx", "mlx-lm")
-PATHS = ("direct", "anthropic", "openai")
-COORD_PATHS = ("anthropic", "openai")
-PATH_LABELS = {
-    "direct": "direct node gRPC",
-    "anthropic": "coordinator Anthropic `/v1/messages`",
-    "openai": "coordinator OpenAI `/v1/chat/completions`",
-}
 ORDERS = list(itertools.permutations(PATHS))
 NODE_READY = "macmesh node listening on "
 COORD_READY = "macmesh coordinator listening on "
 REQUEST_TIMEOUT_S = 900.0
-# Anthropic stop reasons in the node's terms, to compare finish reasons.
-ANTHROPIC_FINISH = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop_sequence"}
 ENGINE_DEFAULTS = {
     # engine: (rounds, warmup, max_tokens, back-to-back rounds)
     # mlx: a 2.7 s TTFT hides millisecond effects; its back-to-back rounds cost minutes.
     "sim": (30, 2, 64, 10),
     "mlx": (5, 1, 32, 0),
 }
-
-
-class BenchError(RuntimeError):
-    """A failed start, a failed request or a malformed stream (exit code 2)."""
-
-
-# ---------- one request on one path ----------
-
-
-@dataclass
-class Sample:
-    """One generation on one path; times are client-side arrivals."""
-
-    path: str
-    text: str = ""
-    deltas: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = ""
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    decode_tps: float = 0.0
-    total_s: float = 0.0
-    cold: bool = False
-    # Seconds since the request, one per text delta.
-    arrivals: list[float] = field(default_factory=list)
-
-    def add_text(self, text: str, now: float) -> None:
-        self.text += text
-        self.deltas += 1
-        self.arrivals.append(now)
-
-    def close(self, t_end: float) -> Sample:
-        if not self.arrivals:
-            raise BenchError(f"{self.path}: no text came back")
-        self.ttft_s = self.arrivals[0]
-        self.decode_s = self.arrivals[-1] - self.arrivals[0]
-        steps = len(self.arrivals) - 1
-        self.decode_tps = steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-        self.total_s = t_end
-        return self
-
-
-def chat_messages(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-async def run_direct(
-    client: NodeClient, model: str, prompt: str, max_tokens: int, *, cold: bool = False
-) -> Sample:
-    """Straight to the node: `NodeClient.generate` with the chat prompt."""
-    request = GenerateRequest(
-        model=model,
-        prompt=ChatPrompt((Message("user", prompt),)),
-        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
-    )
-    s = Sample("direct", cold=cold)
-    finish: Finish | None = None
-    t_req = time.perf_counter()
-    async for event in client.generate(request):
-        now = time.perf_counter() - t_req
-        if isinstance(event, TextDelta):
-            if event.text:
-                s.add_text(event.text, now)
-        elif isinstance(event, ErrorEvent):
-            raise BenchError(f"direct: node error {event.code}: {event.message}")
-        elif isinstance(event, ReasoningDelta | ToolCallEvent):
-            raise BenchError(f"direct: unexpected event {event!r}")
-        elif isinstance(event, Finish):
-            finish = event
-    if finish is None:
-        raise BenchError("direct: the stream ended without a Finish event")
-    s.completion_tokens = finish.usage.completion_tokens
-    s.finish_reason = finish.reason.value
-    return s.close(time.perf_counter() - t_req)
-
-
-async def _sse_data(resp: httpx.Response, path: str) -> AsyncIterator[tuple[float, str]]:
-    """Yield (arrival time, parsed data) for each `data:` line (raw, not buffered)."""
-    if resp.status_code != 200:
-        body = (await resp.aread()).decode(errors="replace")
-        raise BenchError(f"{path}: HTTP {resp.status_code}: {body[:300]}")
-    async for line in resp.aiter_lines():
-        if line.startswith("data:"):
-            yield time.perf_counter(), line[5:].strip()
-
-
-async def run_anthropic(
-    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, **kw: bool
-) -> Sample:
-    """`POST /v1/messages`, `stream: true`."""
-    body = {
-        "model": model,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "messages": chat_messages(prompt),
-    }
-    headers = {"anthropic-version": "2023-06-01"}
-    s = Sample("anthropic", cold=kw.get("cold", False))
-    stopped = False
-    t_req = time.perf_counter()
-    async with http.stream("POST", f"{base}/v1/messages", json=body, headers=headers) as resp:
-        async for t, raw in _sse_data(resp, "anthropic"):
-            data = json.loads(raw)
-            kind = data.get("type")
-            if kind == "content_block_delta":
-                delta = data["delta"]
-                if delta.get("type") != "text_delta":
-                    raise BenchError(f"anthropic: unexpected delta {delta!r}")
-                if delta["text"]:
-                    s.add_text(delta["text"], t - t_req)
-            elif kind == "message_delta":
-                s.completion_tokens = data["usage"]["output_tokens"]
-                reason = data["delta"]["stop_reason"]
-                s.finish_reason = ANTHROPIC_FINISH.get(reason, reason)
-            elif kind == "message_stop":
-                stopped = True
-            elif kind == "error":
-                raise BenchError(f"anthropic: error event {data!r}")
-    if not stopped:
-        raise BenchError("anthropic: the stream ended without message_stop")
-    return s.close(time.perf_counter() - t_req)
-
-
-async def run_openai(
-    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, **kw: bool
-) -> Sample:
-    """`POST /v1/chat/completions`, `stream: true` (usage in the last chunk)."""
-    body = {
-        "model": model,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "messages": chat_messages(prompt),
-    }
-    s = Sample("openai", cold=kw.get("cold", False))
-    done = False
-    t_req = time.perf_counter()
-    async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-        async for t, raw in _sse_data(resp, "openai"):
-            if raw == "[DONE]":
-                done = True
-                continue
-            data = json.loads(raw)
-            if "error" in data:
-                raise BenchError(f"openai: error chunk {data!r}")
-            for choice in data.get("choices") or ():
-                content = choice.get("delta", {}).get("content")
-                if content:
-                    s.add_text(content, t - t_req)
-                if choice.get("finish_reason"):
-                    s.finish_reason = choice["finish_reason"]
-            if data.get("usage"):
-                s.completion_tokens = data["usage"]["completion_tokens"]
-    if not done:
-        raise BenchError("openai: the stream ended without [DONE]")
-    return s.close(time.perf_counter() - t_req)
-
-
-# ---------- rounds ----------
-
-
-@dataclass
-class Round:
-    index: int
-    order: str
-    warmup: bool
-    samples: dict[str, Sample]
-    added_ttft_ms: dict[str, float]
-    ratio: dict[str, float]
-    added_e2e_ms: dict[str, float]
-    mismatch: str = ""
-
-
-def _check_same(samples: dict[str, Sample]) -> str:
-    ref = samples["direct"]
-    for p in COORD_PATHS:
-        s = samples[p]
-        for what in ("deltas", "completion_tokens", "finish_reason"):
-            a, b = getattr(ref, what), getattr(s, what)
-            if a != b:
-                return f"{what}: direct {a!r}, {p} {b!r}"
-        if s.text != ref.text:
-            at = next(
-                (i for i, (x, y) in enumerate(zip(ref.text, s.text, strict=False)) if x != y),
-                min(len(ref.text), len(s.text)),
-            )
-            return (
-                f"text differs at char {at}: direct {ref.text[at : at + 40]!r}, "
-                f"{p} {s.text[at : at + 40]!r}"
-            )
-    return ""
-
-
-def make_round(index: int, order: str, warmup: bool, samples: dict[str, Sample]) -> Round:
-    d = samples["direct"]
-    added = {p: (samples[p].ttft_s - d.ttft_s) * 1e3 for p in COORD_PATHS}
-    ratio = {
-        p: samples[p].decode_tps / d.decode_tps if d.decode_tps > 0 else 0.0 for p in COORD_PATHS
-    }
-    e2e = {p: (samples[p].total_s - d.total_s) * 1e3 for p in COORD_PATHS}
-    return Round(index, order, warmup, samples, added, ratio, e2e, _check_same(samples))
 
 
 @dataclass
@@ -466,7 +257,7 @@ async def run_probes(
         t0 = time.perf_counter()
         (await http.get(f"{base_url}/health")).raise_for_status()
         health.append((time.perf_counter() - t0) * 1e3)
-    return {"render_rpc_ms": _median(render), "http_health_ms": _median(health)}
+    return {"render_rpc_ms": median(render), "http_health_ms": median(health)}
 
 
 # ---------- processes ----------
@@ -554,140 +345,6 @@ def run_engine(
             coord.stop()
         node.stop()
     return results, {"node": target, "coordinator": base_url}
-
-
-# ---------- summary and reporting ----------
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
-def summarize(rounds: Sequence[Round], cold: Sequence[Sample]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in PATHS:
-        ss = [r.samples[p] for r in rounds]
-        row: dict[str, float] = {
-            "median_ttft_ms": _median([s.ttft_s * 1e3 for s in ss]),
-            "median_decode_tps": _median([s.decode_tps for s in ss]),
-            "median_e2e_ms": _median([s.total_s * 1e3 for s in ss]),
-            "cold_median_ttft_ms": _median([s.ttft_s * 1e3 for s in cold if s.path == p]),
-        }
-        if p != "direct":
-            added = [r.added_ttft_ms[p] for r in rounds]
-            row["added_ttft_p50_ms"] = percentile(added, 50)
-            row["added_ttft_p90_ms"] = percentile(added, 90)
-            row["median_ratio"] = _median([r.ratio[p] for r in rounds])
-            row["min_ratio"] = min(r.ratio[p] for r in rounds)
-            row["added_e2e_p50_ms"] = percentile([r.added_e2e_ms[p] for r in rounds], 50)
-        out[p] = row
-    return out
-
-
-def summarize_b2b(b2b: Sequence[Round]) -> dict[str, Any]:
-    """TTFT and e2e of the second request of each back-to-back pair."""
-    if not b2b:
-        return {}
-    out: dict[str, Any] = {}
-    for p in PATHS:
-        ss = [r.samples[p] for r in b2b]
-        row: dict[str, float] = {
-            "median_ttft_ms": _median([s.ttft_s * 1e3 for s in ss]),
-            "median_e2e_ms": _median([s.total_s * 1e3 for s in ss]),
-        }
-        if p != "direct":
-            added = [r.added_ttft_ms[p] for r in b2b]
-            row["added_ttft_p50_ms"] = percentile(added, 50)
-            row["added_ttft_p90_ms"] = percentile(added, 90)
-            row["added_e2e_p50_ms"] = percentile([r.added_e2e_ms[p] for r in b2b], 50)
-        out[p] = row
-    return out
-
-
-def verdict(
-    summary: dict[str, Any], b2b: dict[str, Any], max_added_ms: float, min_ratio: float
-) -> tuple[bool, str]:
-    """PASS when added p50 TTFT (idle and back-to-back) and the ratio meet the targets."""
-    added = [summary[p]["added_ttft_p50_ms"] for p in COORD_PATHS]
-    added += [b2b[p]["added_ttft_p50_ms"] for p in COORD_PATHS if b2b]
-    worst_ratio = min(summary[p]["median_ratio"] for p in COORD_PATHS)
-    ok = max(added) <= max_added_ms and worst_ratio >= min_ratio
-    a, o = summary["anthropic"], summary["openai"]
-    text = (
-        f"added p50 TTFT {a['added_ttft_p50_ms']:.2f} ms (anthropic), "
-        f"{o['added_ttft_p50_ms']:.2f} ms (openai)"
-    )
-    if b2b:
-        text += (
-            f"; back-to-back {b2b['anthropic']['added_ttft_p50_ms']:.2f} ms (anthropic), "
-            f"{b2b['openai']['added_ttft_p50_ms']:.2f} ms (openai)"
-        )
-    text += (
-        f" vs <= {max_added_ms:g} ms; ratio {a['median_ratio']:.3f} (anthropic), "
-        f"{o['median_ratio']:.3f} (openai) vs >= {min_ratio:g}"
-    )
-    return ok, text
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    head = (
-        "| path | median TTFT ms | added TTFT p50 ms | added TTFT p90 ms "
-        "| median decode tok/s | ratio vs direct (median) | cold TTFT ms | median e2e ms "
-        "| added e2e p50 ms |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    )
-    rows = []
-    for p in PATHS:
-        s = summary[p]
-        if p == "direct":
-            extra = "| — | — | "
-        else:
-            extra = f"| {s['added_ttft_p50_ms']:+.2f} | {s['added_ttft_p90_ms']:+.2f} | "
-        ratio = "—" if p == "direct" else f"{s['median_ratio']:.3f}"
-        e2e = "—" if p == "direct" else f"{s['added_e2e_p50_ms']:+.2f}"
-        rows.append(
-            f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} {extra}"
-            f"{s['median_decode_tps']:.2f} | {ratio} | {s['cold_median_ttft_ms']:.1f} "
-            f"| {s['median_e2e_ms']:.1f} | {e2e} |"
-        )
-    return "\n".join([head, *rows])
-
-
-def b2b_table(b2b: dict[str, Any]) -> str:
-    head = (
-        "| path (second of two requests sent back to back) | median TTFT ms "
-        "| added TTFT p50 ms | added TTFT p90 ms | median e2e ms | added e2e p50 ms |\n"
-        "|---|---:|---:|---:|---:|---:|"
-    )
-    rows = []
-    for p in PATHS:
-        s = b2b[p]
-        if p == "direct":
-            row = f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} | — | — "
-            rows.append(row + f"| {s['median_e2e_ms']:.1f} | — |")
-        else:
-            rows.append(
-                f"| {PATH_LABELS[p]} | {s['median_ttft_ms']:.1f} | {s['added_ttft_p50_ms']:+.2f} "
-                f"| {s['added_ttft_p90_ms']:+.2f} | {s['median_e2e_ms']:.1f} "
-                f"| {s['added_e2e_p50_ms']:+.2f} |"
-            )
-    return "\n".join([head, *rows])
-
-
-def rounds_table(rounds: Sequence[Round]) -> str:
-    head = (
-        "| round | order | direct TTFT ms | +anthropic ms | +openai ms | direct tok/s "
-        "| ratio anthropic | ratio openai |\n|---|---|---:|---:|---:|---:|---:|---:|"
-    )
-    short = {"direct": "D", "anthropic": "A", "openai": "O"}
-    rows = [
-        f"| {r.index} | {'→'.join(short[p] for p in r.order.split(','))} "
-        f"| {r.samples['direct'].ttft_s * 1e3:.1f} | {r.added_ttft_ms['anthropic']:+.2f} "
-        f"| {r.added_ttft_ms['openai']:+.2f} | {r.samples['direct'].decode_tps:.2f} "
-        f"| {r.ratio['anthropic']:.3f} | {r.ratio['openai']:.3f} |"
-        for r in rounds
-    ]
-    return "\n".join([head, *rows])
 
 
 # ---------- main ----------

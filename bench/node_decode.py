@@ -44,7 +44,6 @@ import datetime
 import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from macmesh.bench.procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
+from macmesh.bench.stats import median
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (
@@ -273,19 +273,15 @@ def node_process(models_dir: Path, model_id: str, workdir: Path) -> ManagedProce
 # ---------- reporting ----------
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
 def summarize(rounds: Sequence[Round]) -> dict[str, float]:
     return {
-        "median_baseline_tps": _median([r.baseline.decode_tps for r in rounds]),
-        "median_node_tps": _median([r.node.decode_tps for r in rounds]),
-        "median_ratio": _median([r.ratio for r in rounds]),
-        "median_baseline_ttft_s": _median([r.baseline.ttft_s for r in rounds]),
-        "median_node_ttft_s": _median([r.node.ttft_s for r in rounds]),
-        "median_baseline_token_tps": _median([r.baseline.token_tps or 0.0 for r in rounds]),
-        "median_node_usage_tps": _median([r.node.usage_decode_tps or 0.0 for r in rounds]),
+        "median_baseline_tps": median([r.baseline.decode_tps for r in rounds]),
+        "median_node_tps": median([r.node.decode_tps for r in rounds]),
+        "median_ratio": median([r.ratio for r in rounds]),
+        "median_baseline_ttft_s": median([r.baseline.ttft_s for r in rounds]),
+        "median_node_ttft_s": median([r.node.ttft_s for r in rounds]),
+        "median_baseline_token_tps": median([r.baseline.token_tps or 0.0 for r in rounds]),
+        "median_node_usage_tps": median([r.node.usage_decode_tps or 0.0 for r in rounds]),
     }
 
 

@@ -51,7 +51,6 @@ import datetime
 import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from macmesh.bench.procs import ManagedProcess, exit_on_sigterm, machine_info, prepare_default_model
+from macmesh.bench.stats import median
 from mesh.client import NodeClient
 from mesh.errors import MeshError
 from mesh.types import (
@@ -332,22 +332,18 @@ async def run_rounds(
 # ---------- reporting ----------
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
 def summarize(rounds: Sequence[Round]) -> dict[str, float]:
     proposed = sum(r.speculative.draft_tokens for r in rounds)
     accepted = sum(r.speculative.accepted_draft_tokens for r in rounds)
     return {
-        "median_plain_tps": _median([r.plain.decode_tps for r in rounds]),
-        "median_speculative_tps": _median([r.speculative.decode_tps for r in rounds]),
-        "median_ratio": _median([r.ratio for r in rounds]),
-        "median_plain_e2e_tps": _median([r.plain.e2e_tps for r in rounds]),
-        "median_speculative_e2e_tps": _median([r.speculative.e2e_tps for r in rounds]),
-        "median_e2e_ratio": _median([r.e2e_ratio for r in rounds]),
-        "median_plain_ttft_s": _median([r.plain.ttft_s for r in rounds]),
-        "median_speculative_ttft_s": _median([r.speculative.ttft_s for r in rounds]),
+        "median_plain_tps": median([r.plain.decode_tps for r in rounds]),
+        "median_speculative_tps": median([r.speculative.decode_tps for r in rounds]),
+        "median_ratio": median([r.ratio for r in rounds]),
+        "median_plain_e2e_tps": median([r.plain.e2e_tps for r in rounds]),
+        "median_speculative_e2e_tps": median([r.speculative.e2e_tps for r in rounds]),
+        "median_e2e_ratio": median([r.e2e_ratio for r in rounds]),
+        "median_plain_ttft_s": median([r.plain.ttft_s for r in rounds]),
+        "median_speculative_ttft_s": median([r.speculative.ttft_s for r in rounds]),
         "draft_tokens": proposed,
         "accepted_draft_tokens": accepted,
         "acceptance": _rate(accepted, proposed),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Iterable, Sequence
 
 
 def percentile(values: Sequence[float], q: float, *, empty: float = math.nan) -> float:
@@ -18,3 +19,9 @@ def percentile(values: Sequence[float], q: float, *, empty: float = math.nan) ->
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Iterable[float], *, empty: float = math.nan) -> float:
+    """The median, or `empty` for no values."""
+    xs = list(values)
+    return statistics.median(xs) if xs else empty
