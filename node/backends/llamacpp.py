@@ -15,7 +15,6 @@ and counted with `/tokenize`, the calls the chat endpoint makes internally.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -43,8 +42,6 @@ from mesh.types import (
     RenderedPrompt,
     Started,
     TextPrompt,
-    ToolCall,
-    ToolCallEvent,
 )
 from node.backends.base import BackendContext
 from node.backends.common import check_prompt, drain, request_id, with_fallback_tools
@@ -52,17 +49,14 @@ from node.backends.llamacpp_render import RenderMemo, chat_body, tokenize_text
 from node.backends.llamacpp_server import LlamaServer, ServerSpec, reap_orphans
 from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError
 from node.backends.llamacpp_slots import PromptKey, SlotScheduler, Ticket
+from node.backends.llamacpp_stream import Item, StreamFailed, produce
 from node.backends.llamacpp_wire import (
     FINISH,
     StreamRun,
-    chunk_events,
-    error_text,
-    json_or_text,
     sampling_body,
     usage_of,
 )
-from node.backends.outparse import OutputParser, ParserConfig, new_call_id
-from node.backends.sse import SSEError, post_sse
+from node.backends.outparse import OutputParser, ParserConfig
 from node.backends.stats import Admission, ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
@@ -263,15 +257,8 @@ class LlamaCppBackend:
 
     # ---------- generation ----------
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
-        """Count, take a slot (llamacpp_slots), then stream llama-server's output.
-
-        A chat's count (`/apply-template` + `/tokenize`) runs while llama-server
-        already prefills it when a slot is free at once, so it costs no time to
-        first token; `Started` (which carries the count) still comes first.
-        Until counted (unless a coordinator's render is remembered), a chat is
-        matched to a slot by its messages.
-        """
+    async def _prepare(self, request: GenerateRequest) -> _Job:
+        """The server, body and slot key for a request; a chat's count starts here."""
         sampling = resolve_sampling(request.sampling, self.defaults)
         server = await self._ready(request.model, request.draft_model)
         assert server.info is not None
@@ -279,6 +266,7 @@ class LlamaCppBackend:
         prompt = request.prompt
         count: asyncio.Task[tuple[list[int], str]] | None = None
         fallback_tools = bool(request.all_tools)
+        ids: list[int] = []
         if isinstance(prompt, ChatPrompt):
             endpoint = "/v1/chat/completions"
             body, fallback_tools = chat_body(server, prompt)
@@ -286,7 +274,6 @@ class LlamaCppBackend:
             known = self._renders.known(memo)  # a coordinator's RenderPrompt, just before
             pkey = PromptKey.of_chat_body(body, known[0] if known is not None else None)
             count = asyncio.create_task(self._renders.render_ids(server, prompt, dict(body), memo))
-            ids: list[int] = []
         else:
             endpoint = "/completion"
             if isinstance(prompt, TextPrompt):
@@ -303,11 +290,24 @@ class LlamaCppBackend:
             room = n_ctx - len(ids) if ids else n_ctx
             sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
         body.update(sampling_body(sampling, chat=count is not None))
-        stats = self._stats.setdefault(server.spec.model_id, ModelStats())
         cfg = ParserConfig(stop=sampling.stop)
         parser = OutputParser(with_fallback_tools(cfg) if fallback_tools else cfg)
+        return _Job(server, n_ctx, endpoint, body, pkey, ids, count, parser, sampling.max_tokens)
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """Count, take a slot (llamacpp_slots), then stream llama-server's output.
+
+        A chat's count (`/apply-template` + `/tokenize`) runs while llama-server
+        already prefills it when a slot is free at once, so it costs no time to
+        first token; `Started` (which carries the count) still comes first.
+        Until counted (unless a coordinator's render is remembered), a chat is
+        matched to a slot by its messages.
+        """
+        job = await self._prepare(request)
+        server, parser, ids = job.server, job.parser, job.ids
+        stats = self._stats.setdefault(server.spec.model_id, ModelStats())
         run = StreamRun(timings={})
-        events: asyncio.Queue[GenerateEvent | _StreamFailed | None] = asyncio.Queue()
+        events: asyncio.Queue[Item] = asyncio.Queue()
         producer: asyncio.Task[None] | None = None
         enqueued = started = time.perf_counter()
         sched = self._scheduler(server)
@@ -315,8 +315,8 @@ class LlamaCppBackend:
         try:
             admission = Admission(stats, self.max_waiting)
         except Overloaded:
-            if count is not None:
-                count.cancel()
+            if job.count is not None:
+                job.count.cancel()
             raise
         ticket: Ticket | None = None
         prefilled = failed = False
@@ -324,17 +324,16 @@ class LlamaCppBackend:
         def send(t: Ticket) -> asyncio.Task[None]:
             assert t.slot is not None
             sched.sent(t)
-            return asyncio.create_task(
-                self._produce(server, endpoint, {**body, "id_slot": t.slot.id}, parser, run, events)
-            )
+            body = {**job.body, "id_slot": t.slot.id}
+            return asyncio.create_task(produce(server, job.endpoint, body, parser, run, events))
 
         try:
-            ticket = sched.request(pkey, sampling.max_tokens)
+            ticket = sched.request(job.key, job.max_tokens)
             if ticket.slot is not None:  # a slot for it now: generate while counting
                 producer = send(ticket)
-            if count is not None:
-                ids = (await count)[0]
-                check_prompt(ids, n_ctx)
+            if job.count is not None:
+                ids = (await job.count)[0]
+                check_prompt(ids, job.n_ctx)
                 sched.refine(ticket, ids)
             # Work to prefill: what the slot (chosen, or likely) does not hold.
             reuse = ticket.matched if ticket.slot is not None else sched.predicted(ticket.key)
@@ -352,7 +351,7 @@ class LlamaCppBackend:
             admission.run()
             reason = FinishReason.ERROR
             while (item := await events.get()) is not None:
-                if isinstance(item, _StreamFailed):
+                if isinstance(item, StreamFailed):
                     failed = True
                     yield ErrorEvent(item.code, item.message)
                     break
@@ -364,12 +363,7 @@ class LlamaCppBackend:
             else:
                 for event in parser.finish():
                     yield event
-                if parser.stopped or run.stop_word:
-                    reason = FinishReason.STOP_SEQUENCE
-                else:
-                    reason = FINISH.get(run.finish or "stop", FinishReason.STOP)
-                    if parser.tool_calls:
-                        reason = FinishReason.TOOL_CALLS
+                reason = _finish_reason(parser, run)
             usage = usage_of(run, len(ids), started - enqueued)
             if reason is not FinishReason.ERROR:
                 sched.release(
@@ -378,20 +372,13 @@ class LlamaCppBackend:
                     cached=usage.cached_prompt_tokens,
                     completion_tokens=usage.completion_tokens,
                 )
-                stats.observe(
-                    usage.prompt_tokens - usage.cached_prompt_tokens,
-                    usage.prompt_seconds,
-                    usage.completion_tokens,
-                    usage.generation_seconds,
-                )
-                stats.draft_tokens += usage.draft_tokens
-                stats.accepted_draft_tokens += usage.accepted_draft_tokens
+                stats.observe_usage(usage)
             yield Finish(
                 reason=reason, usage=usage, stop_sequence=parser.stop_sequence or run.stop_word
             )
         finally:
             # Closing the HTTP stream (cancelling the producer) stops llama-server's work.
-            for task in (producer, count):
+            for task in (producer, job.count):
                 if task is not None and not task.done():
                     task.cancel()
             if producer is not None:
@@ -401,63 +388,6 @@ class LlamaCppBackend:
                 sched.release(ticket, ids=ids or None, failed=failed or not prefilled)
             admission.close()
             self._on_change()
-
-    async def _produce(
-        self,
-        server: LlamaServer,
-        endpoint: str,
-        body: dict[str, Any],
-        parser: OutputParser,
-        run: StreamRun,
-        out: asyncio.Queue[GenerateEvent | _StreamFailed | None],
-    ) -> None:
-        """Feed `out` from one stream: events, then None, or the failure."""
-        try:
-            async for event in self._stream(server, endpoint, body, parser, run):
-                out.put_nowait(event)
-        except _StreamFailed as failed:
-            out.put_nowait(failed)
-        else:
-            out.put_nowait(None)
-
-    async def _stream(
-        self,
-        server: LlamaServer,
-        endpoint: str,
-        body: dict[str, Any],
-        parser: OutputParser,
-        run: StreamRun,
-    ) -> AsyncGenerator[GenerateEvent, None]:
-        """Events from one llama-server stream; raises _StreamFailed on failure."""
-        if server.client is None:
-            raise _StreamFailed("UNAVAILABLE", await _why_down(server, None))
-        calls: dict[int, dict[str, str]] = {}
-        events = post_sse("127.0.0.1", server.port, endpoint, body)
-        try:
-            async for data in events:
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise _StreamFailed("INTERNAL", f"llama-server: {error_text(chunk)}")
-                if isinstance(chunk.get("timings"), dict):
-                    run.timings = chunk["timings"]
-                for ev in chunk_events(chunk, parser, calls, run):
-                    yield ev
-                if parser.stopped:
-                    return  # closing the stream cancels the rest on llama-server
-        except SSEError as exc:
-            if exc.status:
-                code = "INVALID_ARGUMENT" if exc.status == 400 else "UNAVAILABLE"
-                detail = error_text(json_or_text(exc.body))
-                raise _StreamFailed(code, f"llama-server: HTTP {exc.status}: {detail}") from None
-            raise _StreamFailed("UNAVAILABLE", await _why_down(server, exc)) from None
-        finally:
-            await events.aclose()
-        for index in sorted(calls):
-            c = calls[index]
-            parser.tool_calls += 1
-            yield ToolCallEvent(ToolCall(c["id"] or new_call_id(), c["name"], c["args"] or "{}"))
 
     # ---------- state ----------
 
@@ -518,6 +448,31 @@ class LlamaCppBackend:
 
 
 @dataclass
+class _Job:
+    """One request made ready for llama-server: where it goes, what it sends, how it is keyed."""
+
+    server: LlamaServer
+    n_ctx: int
+    endpoint: str
+    body: dict[str, Any]
+    key: PromptKey
+    # Token ids when known up front (text and token prompts); a chat's come from `count`.
+    ids: list[int]
+    count: asyncio.Task[tuple[list[int], str]] | None
+    parser: OutputParser
+    max_tokens: int
+
+
+def _finish_reason(parser: OutputParser, run: StreamRun) -> FinishReason:
+    """Why a stream that ran to its end stopped, in the node's terms."""
+    if parser.stopped or run.stop_word:
+        return FinishReason.STOP_SEQUENCE
+    if parser.tool_calls:
+        return FinishReason.TOOL_CALLS
+    return FINISH.get(run.finish or "stop", FinishReason.STOP)
+
+
+@dataclass
 class _Served:
     """One llama-server (a model, with or without a draft) and what the node keeps for it."""
 
@@ -526,28 +481,6 @@ class _Served:
     parallel: int
     # The node's record of those slots, for the server process it was made for (its start time).
     slots: tuple[float, SlotScheduler] | None = None
-
-
-class _StreamFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-async def _why_down(server: LlamaServer, exc: Exception | None) -> str:
-    """Word a lost stream: a crash (once the exit is seen) or the transport error."""
-    proc = server.proc
-    deadline = time.monotonic() + 3.0  # the exit status lags the broken socket a little
-    while time.monotonic() < deadline:
-        if server.crashed:
-            return f"{server.crashed} during generation; it is being restarted"
-        if proc is not None and proc.returncode is not None:
-            code = proc.returncode
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            return f"llama-server for {server.spec.label} died ({how}) during generation"
-        await asyncio.sleep(0.02)
-    return f"lost the stream from llama-server for {server.spec.label}: {exc or 'not running'}"
 
 
 def create(ctx: BackendContext) -> LlamaCppBackend:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh.errors import Overloaded
-from mesh.types import ModelLoad
+from mesh.types import ModelLoad, Usage
 
 # Smoothing of the measured prefill/decode rates.
 EMA = 0.3
@@ -36,6 +36,18 @@ class ModelStats:
             self.decode_tps = (
                 rate if not self.decode_tps else EMA * rate + (1 - EMA) * (self.decode_tps)
             )
+
+    def observe_usage(self, usage: Usage) -> None:
+        """Fold one finished generation's usage in: speeds from the uncached prefill and
+        the decode, plus the speculative counters."""
+        self.observe(
+            usage.prompt_tokens - usage.cached_prompt_tokens,
+            usage.prompt_seconds,
+            usage.completion_tokens,
+            usage.generation_seconds,
+        )
+        self.draft_tokens += usage.draft_tokens
+        self.accepted_draft_tokens += usage.accepted_draft_tokens
 
     def to_load(self, model: str) -> ModelLoad:
         """What the node state reports for `model` (queued prefill never below 0)."""
