@@ -33,6 +33,15 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
+# What a node's server accepts: the clients' 20 s keepalive pings, also while a
+# stream is quiet. gRPC's server defaults (pings at most every 5 minutes, two
+# strikes) answer a prefill that sends nothing for a minute with GOAWAY
+# "too_many_pings", which killed long prompts' streams mid-prefill.
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 
 
 def _mapped(exc: grpc.aio.AioRpcError) -> errors.MeshError:

@@ -10,7 +10,7 @@ from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from mesh.auth import AuthConfigError, server_credentials, server_interceptors
-from mesh.client import CHANNEL_OPTIONS
+from mesh.client import SERVER_OPTIONS
 from mesh.discovery import Announcement, Announcer
 from mesh.metrics import new_registry
 from node.config import NodeConfig
@@ -71,7 +71,7 @@ class NodeServer:
             )
             self.metrics_port = self.core.metrics_port = await self._metrics_server.start()
         interceptors = server_interceptors(config.secret) if config.secret else None
-        server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
+        server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
         pb_grpc.add_NodeServicer_to_server(NodeServicer(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = config.host
