@@ -182,12 +182,20 @@ class ChatService:
         )
 
     def place(
-        self, res: Resolution, ids: Sequence[int], views: list[NodeView], *, commit: bool = True
+        self,
+        res: Resolution,
+        ids: Sequence[int],
+        views: list[NodeView],
+        *,
+        commit: bool = True,
+        max_tokens: int | None = None,
     ) -> tuple[NodeView, Decision]:
         """The node for a prompt of token `ids`, by this coordinator's policy.
 
         `commit` records the choice as a provisional cache entry there, so a
         burst with the same prefix follows it before the node reports.
+        `max_tokens` (the request's cap, if any) bounds the answer length the
+        policy's decode estimate assumes.
         """
         now = time.monotonic()
         index = self.registry.prefix
@@ -215,6 +223,7 @@ class ChatService:
             self.policy,
             round_robin=self._round_robin,
             affinity=affinity or 1,
+            completion_tokens=max_tokens,
         )
         view = by_target[decision.node_id]
         if commit and self.policy is Policy.CACHE_AWARE:
@@ -233,6 +242,7 @@ class ChatService:
             loaded=info is not None and info.loaded,
             prefill_tps=load.prefill_tokens_per_second if load else 0.0,
             decode_tps=load.decode_tokens_per_second if load else 0.0,
+            aggregate_decode_tps=load.aggregate_decode_tokens_per_second if load else 0.0,
             # Ours until its report shows them (a burst is placed within milliseconds).
             queued_prefill_tokens=max(
                 load.queued_prefill_tokens if load else 0, view.inflight_prefill
@@ -253,12 +263,19 @@ class ChatService:
     # ---------- requests ----------
 
     async def prepare(
-        self, name: str, prompt: ChatPrompt | TextPrompt, *, commit: bool = True
+        self,
+        name: str,
+        prompt: ChatPrompt | TextPrompt,
+        *,
+        commit: bool = True,
+        max_tokens: int | None = None,
     ) -> Prepared:
         """Resolve, tokenize with the model's own template, place; raises before generating.
 
         Any node with the model renders (one with it loaded first): the ids are
-        the same everywhere, and the placement needs them.
+        the same everywhere, and the placement needs them. `max_tokens` is the
+        request's own cap, if any (the placement's answer-length estimate; the
+        tier's and the global caps apply too).
         """
         received = time.perf_counter()
         res = self.resolve(name)
@@ -267,8 +284,8 @@ class ChatService:
         cold = not any((info := v.model(res.model)) is not None and info.loaded for v in views)
         renderer = self._another(res, set())
         assert renderer is not None
+        inference = self.settings.inference()
         if isinstance(prompt, ChatPrompt):
-            inference = self.settings.inference()
             if inference.prompt_hygiene:
                 prompt, _ = hygiene.clean(prompt)
             if prompt.enable_thinking is None and inference.enable_thinking is not None:
@@ -285,7 +302,11 @@ class ChatService:
             chat = None
         if context and len(ids) >= context:
             raise PromptTooLong(len(ids), context)
-        node, decision = self.place(res, ids, views, commit=commit)
+        # The answer's cap, as `sampling` will set it (the context's room aside).
+        asked = max_tokens if max_tokens is not None else inference.sampling.max_tokens
+        caps = (asked, res.max_tokens, inference.max_output_tokens)
+        cap = min((c for c in caps if c), default=None)
+        node, decision = self.place(res, ids, views, commit=commit, max_tokens=cap)
         if cold and decision.node_id == renderer.target:
             decision = replace(decision, reason=Reason.NOT_LOADED.value)
         if commit:  # a real request, not a count

@@ -30,6 +30,8 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         raise SystemExit("--sim-rates: PREFILL:DECODE tokens/s, e.g. 400:150") from None
     if args.sim and not 1 <= args.sim <= 32:
         raise SystemExit("--sim: 1 to 32 nodes")
+    if args.sim_batch_alpha is not None and args.sim_batch_alpha < 0:
+        raise SystemExit("--sim-batch-alpha: >= 0 (1 = no batching gain)")
     sim_env = {
         name: str(value)
         for name, value in (
@@ -62,6 +64,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         gguf=args.gguf or 0,
         gguf_slots=args.gguf_slots,
         sim_rates=(prefill, decode),
+        sim_batch_alpha=args.sim_batch_alpha,
         sim_env=sim_env,
         policies=policies,
         workloads=workloads,
@@ -89,6 +92,14 @@ def _add_bench_routing_args(p: argparse.ArgumentParser) -> None:
         metavar="PREFILL:DECODE",
         help="tokens/s (default: llama-server SmolLM2 on a 2-core Linux box; a Mac 7B "
         "is about 600:35)",
+    )
+    s.add_argument(
+        "--sim-batch-alpha",
+        type=float,
+        metavar="ALPHA",
+        help="how decode scales with the batch: each of b streams runs at DECODE / "
+        "(1 + (b - 1) * ALPHA); 1 = no batching gain, 0.15 = an Apple GPU (default: the "
+        "sim's, 0.7)",
     )
     s.add_argument("--sim-cache-slots", type=int, metavar="N", help="MLX_CACHE_MAX_SLOTS")
     s.add_argument("--sim-block-size", type=int, metavar="N", help="MLX_CACHE_BLOCK_SIZE")

@@ -236,6 +236,10 @@ class ModelLoad:
     # Speculative decoding since load: proposed by the draft / accepted.
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    # All running streams together, over the last couple of seconds (the aggregate
+    # at the current batch size; one stream's rate is decode_tokens_per_second).
+    # 0 = not measured.
+    aggregate_decode_tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

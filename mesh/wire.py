@@ -371,6 +371,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
                 decode_tokens_per_second=x.decode_tokens_per_second,
                 draft_tokens=x.draft_tokens,
                 accepted_draft_tokens=x.accepted_draft_tokens,
+                aggregate_decode_tokens_per_second=x.aggregate_decode_tokens_per_second,
             )
             for x in s.load
         ],
@@ -409,6 +410,7 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
                 decode_tokens_per_second=x.decode_tokens_per_second,
                 draft_tokens=x.draft_tokens,
                 accepted_draft_tokens=x.accepted_draft_tokens,
+                aggregate_decode_tokens_per_second=x.aggregate_decode_tokens_per_second,
             )
             for x in msg.load
         ),

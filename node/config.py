@@ -33,6 +33,10 @@ MIN_REUSE_ENV = "MLX_CACHE_MIN_REUSE"
 MAX_TOKENS_ENV = "MLX_CACHE_MAX_TOKENS"
 MAX_BYTES_ENV = "MLX_CACHE_MAX_BYTES"
 
+# MLX batching defaults (docs/benchmarks.md, "Continuous batching").
+DEFAULT_MAX_RUNNING = 16
+DEFAULT_PREFILL_CHUNK = 512
+
 DEFAULT_MAX_SLOTS = 4
 DEFAULT_MIN_REUSE = 512
 DEFAULT_MAX_TOKENS = 65536
@@ -131,30 +135,39 @@ class SamplingDefaults:
 
 @dataclass(frozen=True, slots=True)
 class SimModelSpec:
-    """A simulated model: name and the rates it runs at."""
+    """A simulated model: name, the rates it runs at, and how its decode scales with
+    the batch (`batch_alpha`, node.backends.sim; None = the engine's default)."""
 
     name: str
     prefill_tps: float = 2000.0
     decode_tps: float = 50.0
     context_length: int = 32768
+    batch_alpha: float | None = None
 
     @classmethod
     def parse(cls, spec: str) -> SimModelSpec:
-        """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT]]]`, e.g. `sim-7b:1500:40`."""
+        """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT[:ALPHA]]]]`, e.g. `sim-7b:1500:40` or
+        `sim-7b:1500:40:32768:0.15` (ALPHA >= 0: 1 = no batching gain)."""
         parts = spec.split(":")
         if not parts[0]:
             raise ValueError(f"simulated model spec {spec!r} has no name")
+        if len(parts) > 5:
+            raise ValueError(f"simulated model spec {spec!r}: at most 5 fields")
         try:
-            nums = [float(p) for p in parts[1:4]]
+            nums = [float(p) for p in parts[1:5]]
         except ValueError:
             raise ValueError(f"simulated model spec {spec!r}: rates must be numbers") from None
-        if any(n <= 0 for n in nums):
+        if any(n <= 0 for n in nums[:3]):
             raise ValueError(f"simulated model spec {spec!r}: rates must be > 0")
+        if len(nums) > 3 and nums[3] < 0:
+            raise ValueError(f"simulated model spec {spec!r}: ALPHA must be >= 0")
         kwargs: dict[str, float | int] = {}
         for key, value in zip(("prefill_tps", "decode_tps"), nums[:2], strict=False):
             kwargs[key] = value
         if len(nums) > 2:
             kwargs["context_length"] = int(nums[2])
+        if len(nums) > 3:
+            kwargs["batch_alpha"] = nums[3]
         return cls(parts[0], **kwargs)  # type: ignore[arg-type]
 
 
@@ -172,8 +185,17 @@ class NodeConfig:
     scan_hf_cache: bool = True
     # None: huggingface_hub's default (`HF_HUB_CACHE`, `HF_HOME`).
     hf_cache_dir: Path | None = None
-    # Generations stepped together on the model thread; the rest wait.
-    max_running: int = 4
+    # MLX: requests running at once (the batch limit; batched and one-at-a-time
+    # together); the rest wait.
+    max_running: int = DEFAULT_MAX_RUNNING
+    # MLX: continuous batching (off: every request steps one token per turn).
+    batching: bool = True
+    # MLX: prompt tokens prefilled per engine step (batched requests); running
+    # streams wait at most one such chunk per token.
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # MLX: bytes the running requests' KV caches may take (None: what the
+    # machine has available, less a margin).
+    kv_budget: int | None = None
     # Waiting generations beyond this are refused (RESOURCE_EXHAUSTED).
     max_waiting: int = 256
     # Speculative decoding: tokens a draft proposes per round (`--num-draft-tokens`,

@@ -243,11 +243,18 @@ class StateCollector(Collector):
         queued = GaugeMetricFamily(
             f"{p}queued_prefill_tokens", "Prompt tokens waiting to be prefilled.", labels=["model"]
         )
+        aggregate = GaugeMetricFamily(
+            f"{p}aggregate_decode_tokens_per_second",
+            "Tokens/s all running generations decode together, over the last seconds "
+            "(0 = nothing decoding).",
+            labels=["model"],
+        )
         for x in src.load_stats():
             running.add_metric([x.model], x.running)
             waiting.add_metric([x.model], x.waiting)
             queued.add_metric([x.model], x.queued_prefill_tokens)
-        yield from (running, waiting, queued)
+            aggregate.add_metric([x.model], x.aggregate_decode_tokens_per_second)
+        yield from (running, waiting, queued, aggregate)
 
         mem = src.memory()
         for name, value, text in (

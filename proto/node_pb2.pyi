@@ -861,6 +861,7 @@ class ModelLoad(_message.Message):
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    AGGREGATE_DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     waiting: _builtins.int
@@ -874,6 +875,11 @@ class ModelLoad(_message.Message):
     proposed / the target accepted.
     """
     accepted_draft_tokens: _builtins.int
+    aggregate_decode_tokens_per_second: _builtins.float
+    """Tokens per second all running streams of this model decode together, over
+    the last couple of seconds (the aggregate at the current batch size; each
+    stream gets about this / running). 0 = not measured (nothing decoding).
+    """
     def __init__(
         self,
         *,
@@ -885,10 +891,11 @@ class ModelLoad(_message.Message):
         decode_tokens_per_second: _builtins.float = ...,
         draft_tokens: _builtins.int = ...,
         accepted_draft_tokens: _builtins.int = ...,
+        aggregate_decode_tokens_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_draft_tokens", b"accepted_draft_tokens", "decode_tokens_per_second", b"decode_tokens_per_second", "draft_tokens", b"draft_tokens", "model", b"model", "prefill_tokens_per_second", b"prefill_tokens_per_second", "queued_prefill_tokens", b"queued_prefill_tokens", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_draft_tokens", b"accepted_draft_tokens", "aggregate_decode_tokens_per_second", b"aggregate_decode_tokens_per_second", "decode_tokens_per_second", b"decode_tokens_per_second", "draft_tokens", b"draft_tokens", "model", b"model", "prefill_tokens_per_second", b"prefill_tokens_per_second", "queued_prefill_tokens", b"queued_prefill_tokens", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

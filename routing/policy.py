@@ -2,10 +2,11 @@
 
 Policies (`POLICY_NAMES`, for `--routing-policy`):
 
-* `cache-aware` (default): the lowest estimated time to first token (see
-  `CostModel`), where prompt tokens already in a node's prefix cache cost
-  nothing, with a balance guard so one hot prefix cannot pile every request
-  onto one node;
+* `cache-aware` (default): the lowest estimated time to first token plus
+  decode time of the expected answer (see `CostModel`), where prompt tokens
+  already in a node's prefix cache cost nothing and a node's batch slows
+  every stream in it, with a balance guard so one hot prefix cannot pile
+  every request onto one node;
 * `least-loaded`: fewest running + waiting requests, then least queued
   prefill;
 * `round-robin`: the next node in node-id order (a `RoundRobin` counter the
@@ -59,7 +60,9 @@ class Candidate:
     """One node that can serve the model, as the coordinator sees it now.
 
     Rates are that node's measured moving averages for this model; 0 means
-    not measured yet. `cached_tokens` is the leading prompt tokens its prefix
+    not measured yet. `decode_tps` is one stream's rate; `aggregate_decode_tps`
+    what all its running streams decode together now (a short window; 0 when
+    nothing decodes). `cached_tokens` is the leading prompt tokens its prefix
     cache holds (`PrefixIndex.cached_blocks` x block size).
     """
 
@@ -74,6 +77,7 @@ class Candidate:
     # Blocks its prompt caches hold in all (how full they are): a prefix nobody
     # holds goes where it evicts the least.
     cache_blocks: int = 0
+    aggregate_decode_tps: float = 0.0
 
     @property
     def load(self) -> int:
@@ -83,23 +87,42 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """The time-to-first-token estimate and the balance guard's thresholds.
+    """The time-to-first-token and decode estimates and the balance guard's thresholds.
 
     TTFT on node n, in seconds:
 
         (queued_prefill_tokens + prompt_tokens - cached_tokens) / prefill_rate
-        + running / decode_rate
+        + running / aggregate_decode_rate      (running / decode_rate if unknown)
 
     The first term is the prompt work ahead of the request (nodes prefill
     queued requests first; `queued_prefill_tokens` counts them in full) plus
-    its own uncached part. The second is decode interference: engines step
-    every running stream a token per turn, so the request's prefill waits
-    about one decode step per running stream. An unknown rate (0) takes the
+    its own uncached part. The second is decode interference: the request's
+    prefill waits about one decode step of the running streams, and a step
+    of `running` streams takes running / (their aggregate rate). A node that
+    has not measured its aggregate (nothing decoding in the last seconds, or
+    an older node) falls back to one stream's rate, a step per stream, as
+    engines that step streams round-robin do. An unknown rate (0) takes the
     mean of the candidates' known rates for this model, else the default
     below; with no rate known anywhere the estimate still ranks nodes by
     tokens of work and running streams. Model load time is not included.
 
-    Cache-aware ranks by that estimate plus the work a miss redoes:
+    Decode time of the answer on node n, in seconds:
+
+        completion_tokens / stream_rate
+        stream_rate = aggregate_decode_rate / (running + 1)   (running > 0, aggregate known)
+                    = decode_rate                             (otherwise)
+
+    `completion_tokens` is `expected_completion_tokens`, capped by the
+    request's max_tokens when `choose` is given it. A batching engine decodes
+    its streams together: each gets a share of the aggregate, which rises
+    with the batch less than the batch does, so a stream on a busy node runs
+    slower than alone; joining makes the batch one larger (assuming its
+    aggregate stays as measured, a slight overestimate of the slowdown on a
+    batching engine). `Decision.decode_s` reports it.
+
+    Cache-aware ranks by TTFT + decode time (beyond the quickest candidate's,
+    so equal rates everywhere leave the ranking and its ties as without it),
+    plus the work a miss redoes:
     `waste_weight` x (prompt tokens the best-placed candidate holds that this
     one lacks) / its prefill rate. A miss pays for those tokens once in its
     own TTFT (above) and once more in what it does to the mesh: the prefill
@@ -111,12 +134,17 @@ class CostModel:
     rate and TTFT p90 6.8 / 2.2 s without it, 88.1% / 89.6% and 1.1 / 1.0 s
     with it.
 
+    So a warm node whose batch slows every stream keeps a request while the
+    prefix copy (counted twice, above) costs more than the slowdown, and
+    loses it to an idle node once it does not.
+
     Balance guard: the winner is "hot" when its load (running + waiting)
     exceeds the least loaded candidate's by more than `balance_abs` AND is
     more than `balance_rel` times it; then the best node that is not hot wins
     instead (reason `balance-guard`). The estimate above cannot see how long
-    a waiting request sits until a running stream ends, nor how a node's
-    decode slows as streams pile up; the guard caps that error.
+    a waiting request sits until a running stream ends (or how its decode
+    slows on a node that has not measured an aggregate); the guard caps that
+    error.
     """
 
     default_prefill_tps: float = 1000.0
@@ -127,13 +155,35 @@ class CostModel:
     tie_rel: float = 0.15
     tie_abs: float = 0.02
     waste_weight: float = 1.0
+    # Answer length the decode term assumes (capped by the request's max_tokens);
+    # 0 leaves decode time out of cache-aware's score.
+    expected_completion_tokens: int = 128
 
     def ttft_s(
         self, c: Candidate, prompt_tokens: int, prefill_tps: float, decode_tps: float
     ) -> float:
         """Estimated TTFT on `c` with the given (already defaulted) rates."""
         uncached = max(prompt_tokens - c.cached_tokens, 0)
-        return (c.queued_prefill_tokens + uncached) / prefill_tps + c.running / decode_tps
+        step = c.running / (c.aggregate_decode_tps if c.aggregate_decode_tps > 0 else decode_tps)
+        return (c.queued_prefill_tokens + uncached) / prefill_tps + step
+
+    @staticmethod
+    def stream_tps(c: Candidate, decode_tps: float) -> float:
+        """The decode rate a new stream would get on `c` (one-stream rate already
+        defaulted): its share of the batch it joins, else one stream's rate."""
+        if c.running > 0 and c.aggregate_decode_tps > 0:
+            return c.aggregate_decode_tps / (c.running + 1)
+        return decode_tps
+
+    def completion_tokens(self, max_tokens: int | None = None) -> int:
+        """The answer length to expect: the default, capped by a request's max_tokens."""
+        if max_tokens is not None and max_tokens > 0:
+            return min(self.expected_completion_tokens, max_tokens)
+        return self.expected_completion_tokens
+
+    def decode_s(self, c: Candidate, completion_tokens: int, decode_tps: float) -> float:
+        """Estimated time to decode `completion_tokens` on `c`."""
+        return completion_tokens / self.stream_tps(c, decode_tps) if completion_tokens else 0.0
 
     def is_hot(self, load: int, min_load: int) -> bool:
         """Whether `load` is too far above `min_load` (the guard's test)."""
@@ -167,6 +217,8 @@ class Decision:
     policy: str  # a Policy value
     ttft_s: float  # estimated time to first token there (no model load time)
     cached_tokens: int  # leading prompt tokens cached there
+    # Estimated time to decode the expected answer there (CostModel.decode_s).
+    decode_s: float = 0.0
 
 
 def _mean_known(values: Sequence[float], default: float) -> float:
@@ -182,8 +234,12 @@ def choose(
     round_robin: RoundRobin | None = None,
     cost: CostModel = DEFAULT_COST,
     affinity: int = 0,
+    completion_tokens: int | None = None,
 ) -> Decision:
     """The node for a request of `prompt_tokens` tokens among `candidates`.
+
+    `completion_tokens`: the request's max_tokens, if known; it caps the
+    answer length the decode estimate assumes (`CostModel.completion_tokens`).
 
     `affinity` (cache-aware only) breaks near-ties by rendezvous hashing: give
     the hash of the prompt's first block, and prompts sharing a beginning go to
@@ -202,20 +258,18 @@ def choose(
     prefill_default = _mean_known([c.prefill_tps for c in candidates], cost.default_prefill_tps)
     decode_default = _mean_known([c.decode_tps for c in candidates], cost.default_decode_tps)
 
+    answer = cost.completion_tokens(completion_tokens)
+
     def prefill_rate(c: Candidate) -> float:
         return c.prefill_tps if c.prefill_tps > 0 else prefill_default
 
-    def ttft(c: Candidate) -> float:
-        return cost.ttft_s(
-            c,
-            prompt_tokens,
-            prefill_rate(c),
-            c.decode_tps if c.decode_tps > 0 else decode_default,
-        )
+    def decode_rate(c: Candidate) -> float:
+        return c.decode_tps if c.decode_tps > 0 else decode_default
 
     loaded = [c for c in candidates if c.loaded]
     pool = sorted(loaded or candidates, key=lambda c: c.node_id)
-    est = {c.node_id: ttft(c) for c in pool}
+    est = {c.node_id: cost.ttft_s(c, prompt_tokens, prefill_rate(c), decode_rate(c)) for c in pool}
+    decode = {c.node_id: cost.decode_s(c, answer, decode_rate(c)) for c in pool}
 
     if policy is Policy.ROUND_ROBIN:
         assert round_robin is not None
@@ -225,8 +279,13 @@ def choose(
         reason = Reason.LEAST_LOADED
     else:
         held = min(max(c.cached_tokens for c in pool), prompt_tokens)
+        # Decode time beyond the quickest candidate's: the same shift everywhere would
+        # only widen the tie window.
+        quickest = min(decode.values())
         score = {
             c.node_id: est[c.node_id]
+            + decode[c.node_id]
+            - quickest
             + cost.waste_weight * max(held - c.cached_tokens, 0) / prefill_rate(c)
             for c in pool
         }
@@ -244,6 +303,7 @@ def choose(
         policy=policy.value,
         ttft_s=est[best.node_id],
         cached_tokens=min(best.cached_tokens, prompt_tokens),
+        decode_s=decode[best.node_id],
     )
 
 
@@ -255,7 +315,7 @@ def _rendezvous(affinity: int, node_id: str) -> int:
 def _cache_aware(
     pool: Sequence[Candidate], est: dict[str, float], cost: CostModel, affinity: int = 0
 ) -> tuple[Candidate, Reason]:
-    """Lowest score (estimated TTFT + a miss's waste), then the balance guard; `pool`
+    """Lowest score (estimated TTFT + decode + a miss's waste), then the balance guard; `pool`
     is sorted by node id.
 
     Scores within `cost.tie_rel` (plus `tie_abs` seconds) of the best count

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from macmesh.bench.report import Sample, compare, markdown, summarize
-from macmesh.bench.routing import RoutingBenchConfig, gguf_threads, run_bench
+from macmesh.bench.routing import RoutingBenchConfig, _sim_args, gguf_threads, run_bench
 from macmesh.bench.stats import percentile
 from macmesh.bench.workloads import WORKLOADS, WorkloadSpec, build
 from node.config import CacheConfig, SimModelSpec
@@ -86,6 +86,16 @@ def test_gguf_nodes_do_not_oversubscribe_the_cores() -> None:
     assert gguf_threads(1) == (os.cpu_count() or 1)
     assert gguf_threads(64) == 1
     assert gguf_threads(3) * 3 <= max(3, os.cpu_count() or 1)
+
+
+def test_sim_nodes_take_the_batch_alpha() -> None:
+    def spec(config: RoutingBenchConfig) -> SimModelSpec:
+        args = _sim_args(config)
+        return SimModelSpec.parse(args[args.index("--sim-model") + 1])
+
+    assert spec(RoutingBenchConfig(sim=2)) == SimModelSpec(MODEL, 400, 150, 32768)
+    args = _sim_args(RoutingBenchConfig(sim=2, sim_rates=(600, 35), sim_batch_alpha=0.15))
+    assert args[args.index("--sim-model") + 1] == f"{MODEL}:600:35:32768:0.15"
 
 
 def test_numbers() -> None:

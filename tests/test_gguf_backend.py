@@ -41,6 +41,7 @@ from mesh.types import (
 )
 from node.backends.llamacpp import LlamaCppBackend
 from node.backends.llamacpp_settings import GGUFSettings, LlamaServerError, find_llama_server
+from node.backends.stats import AGGREGATE_WINDOW_S
 from node.config import NodeConfig
 from node.models.default import DEFAULT_GGUF_ID
 from tests.conftest import RunningNode, start_node
@@ -153,6 +154,32 @@ async def test_greedy_paris_streams_with_exact_counts(gclient: NodeClient) -> No
     )
     # llama-server's prompt cache: the same prompt again is served from its slot.
     assert again.usage.cached_prompt_tokens >= fin.usage.prompt_tokens - 1
+
+
+async def test_the_aggregate_decode_rate_is_counted_as_tokens_stream(
+    gclient: NodeClient,
+) -> None:
+    story = GenerateRequest(
+        model=GGUF,
+        prompt=ChatPrompt((Message("user", "Write a very long story about a cat."),)),
+        sampling=SamplingParams(temperature=0.0, max_tokens=1000),
+    )
+    times: list[float] = []
+    aggregate = -1.0
+    async for ev in gclient.generate(story):
+        if isinstance(ev, TextDelta):
+            times.append(time.perf_counter())
+        if len(times) >= 10 and times[-1] - times[0] >= 1.0:  # a second of decode
+            async for state in gclient.watch_state():  # while the stream still runs
+                load = next(x for x in state.load if x.model == GGUF)
+                aggregate = load.aggregate_decode_tokens_per_second
+                break
+            break
+    assert aggregate >= 0, f"the story ended after {len(times)} tokens"
+    # The client's count over the node meter's window (the last 2 s, at most).
+    recent = [t for t in times if t > times[-1] - AGGREGATE_WINDOW_S]
+    seen = (len(recent) - 1) / (recent[-1] - recent[0])
+    assert aggregate == pytest.approx(seen, rel=0.35)
 
 
 async def test_stop_sequences_and_length(gclient: NodeClient) -> None:

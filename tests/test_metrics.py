@@ -193,6 +193,10 @@ async def test_state_gauges_are_read_at_scrape_time(tmp_path: Path) -> None:
         await anext(stream)
         assert sample(reg, "macmesh_num_requests_running", model=MODEL) == 1
         assert sample(reg, "macmesh_num_requests_waiting", model=MODEL) == 0
+        for _ in range(16):  # 0.3 s of words at 50 tok/s: the aggregate of one stream
+            await anext(stream)
+        aggregate = sample(reg, "macmesh_aggregate_decode_tokens_per_second", model=MODEL)
+        assert aggregate == pytest.approx(50, rel=0.25)
         await stream.aclose()
         assert sample(reg, "macmesh_num_requests_running", model=MODEL) == 0
 

@@ -331,3 +331,69 @@ def test_a_miss_pays_for_the_prefix_it_copies() -> None:
     myopic = CostModel(waste_weight=0.0)
     warm = F("warm", cached_tokens=800, queued_prefill_tokens=1500)
     assert choose([cold, warm], 830, cost=myopic).node_id == "cold"
+
+
+def test_a_batching_node_slows_the_stream_it_takes() -> None:
+    """A warm node decoding 3 streams at 60 tok/s together would give a 4th 15 tok/s,
+    against 50 alone on an idle node: the request moves when copying the prefix there
+    costs less than that slowdown (128 expected tokens: 8.5 s vs 2.6 s), and stays
+    when the copy is dear."""
+    cold = F("cold")
+    for prompt, held, winner, reason in (
+        (1000, 800, "cold", Reason.LEAST_LOADED),  # copy 0.8 s (+0.8 waste) < 6 s slower
+        (8200, 8000, "warm", Reason.CACHE_HIT),  # copy 8 s (+8 waste) > 6 s slower
+    ):
+        warm = F("warm", cached_tokens=held, running=3, aggregate_decode_tps=60.0)
+        d = choose([cold, warm], prompt)
+        assert (d.node_id, d.reason) == (winner, reason.value)
+    d = choose([cold, F("warm", cached_tokens=800, running=3, aggregate_decode_tps=60.0)], 1000)
+    assert d.ttft_s == pytest.approx(1.0)  # the plain TTFT estimate, not the score
+    assert d.decode_s == pytest.approx(128 / 50)
+    warm = F("warm", cached_tokens=800, running=3, aggregate_decode_tps=60.0)
+    assert choose([warm], 1000).decode_s == pytest.approx(128 / 15)
+    # A short answer: the slowdown (16 tokens: 1.1 s vs 0.3 s) is less than the copy.
+    assert choose([cold, warm], 1000, completion_tokens=16).node_id == "warm"
+    # Decode left out of the score (the estimate as it was): the warm node keeps it.
+    off = CostModel(expected_completion_tokens=0)
+    d = choose([cold, warm], 1000, cost=off)
+    assert d.node_id == "warm" and d.decode_s == 0.0
+
+
+def test_an_unknown_aggregate_falls_back_to_one_streams_rate() -> None:
+    # Nothing measured: the new stream is assumed to run at one stream's rate, so the
+    # running streams cost only their decode step in the TTFT, as before.
+    warm = F("warm", cached_tokens=800, running=3)
+    d = choose([F("cold"), warm], 1000)
+    assert d.node_id == "warm"
+    assert d.ttft_s == pytest.approx(200 / 1000 + 3 / 50)
+    assert d.decode_s == pytest.approx(128 / 50)
+    # An idle node's aggregate (a stale reading) does not change its rate.
+    idle = F("idle", aggregate_decode_tps=10.0)
+    assert choose([idle], 100).decode_s == pytest.approx(128 / 50)
+
+
+def test_the_decode_step_is_one_batch_step() -> None:
+    # 4 running streams decoding 200 tok/s together: one step of the batch is 20 ms.
+    c = C("a", prefill_tps=2000.0, decode_tps=40.0, running=4, aggregate_decode_tps=200.0)
+    assert choose([c], 2000).ttft_s == pytest.approx(1.0 + 4 / 200)
+    # The answer's length: the default, capped by max_tokens.
+    assert DEFAULT_COST.completion_tokens() == DEFAULT_COST.expected_completion_tokens
+    assert DEFAULT_COST.completion_tokens(16) == 16
+    assert DEFAULT_COST.completion_tokens(100_000) == DEFAULT_COST.expected_completion_tokens
+    assert choose([c], 2000, completion_tokens=10).decode_s == pytest.approx(10 / (200 / 5))
+
+
+def test_equal_decode_rates_leave_the_ranking_as_it_was() -> None:
+    """Idle nodes (or none measured) all decode alike: the decode term shifts every
+    score alike, so near-ties and the balance guard decide as before."""
+    for cands, prompt in (
+        ([F("a", cached_tokens=1024), F("b", cached_tokens=4096)], 8000),
+        ([F("a", running=3), F("b", running=1), F("c", running=2)], 100),
+        ([Candidate(f"n{i}", prefill_tps=400, decode_tps=150) for i in range(4)], 2000),
+    ):
+        for affinity in range(1, 20):
+            new = choose(cands, prompt, affinity=affinity)
+            old = choose(
+                cands, prompt, affinity=affinity, cost=CostModel(expected_completion_tokens=0)
+            )
+            assert (new.node_id, new.reason) == (old.node_id, old.reason)

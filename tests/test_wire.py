@@ -114,13 +114,14 @@ def test_state_round_trip() -> None:
         timestamp=1.5,
         models=(ModelInfo("m", "mlx", "models-dir", "/p", True, 10, 8192, "q4", True, False, 5),),
         memory=Memory(100, 60, 40, 7),
-        load=(ModelLoad("m", 1, 2, 300, 10.5, 7.5, 40, 31),),
+        load=(ModelLoad("m", 1, 2, 300, 10.5, 7.5, 40, 31, 19.25),),
         running=1,
         waiting=2,
         draining=True,
         cache=(CachedPrefix("m", 256, (1, 2**64 - 1)),),
     )
     assert wire.state_from_pb(wire.state_to_pb(state)) == state
+    assert wire.state_to_pb(state).load[0].aggregate_decode_tokens_per_second == 19.25
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,7 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                     "queued_prefill_tokens": x.queued_prefill_tokens,
                     "prefill_tokens_per_second": x.prefill_tokens_per_second,
                     "decode_tokens_per_second": x.decode_tokens_per_second,
+                    "aggregate_decode_tokens_per_second": x.aggregate_decode_tokens_per_second,
                     "draft_tokens": x.draft_tokens,
                     "accepted_draft_tokens": x.accepted_draft_tokens,
                 }

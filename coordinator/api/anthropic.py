@@ -265,7 +265,9 @@ async def create_message(request: Request) -> Response:
         body = await _parse(request, MessagesRequest)
         name = body.model
         params = to_sampling(body)
-        prepared = await service.prepare(body.model, to_chat_prompt(body))
+        prepared = await service.prepare(
+            body.model, to_chat_prompt(body), max_tokens=params.max_tokens
+        )
     except errors.MeshError as err:
         service.rejected("anthropic", name, err)
         return anthropic_error(err)

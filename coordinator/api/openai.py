@@ -302,7 +302,7 @@ async def _complete(
     chat = isinstance(prompt, ChatPrompt)
     service = _service(request)
     try:
-        prepared = await service.prepare(model, prompt)
+        prepared = await service.prepare(model, prompt, max_tokens=params.max_tokens)
     except errors.MeshError as err:
         service.rejected("openai", model, err)
         return _error(err, param=_param(err, "messages" if chat else "prompt"))

@@ -94,9 +94,11 @@ def markdown(report: dict[str, Any]) -> str:
         desc = "SIMULATED engines (node/backends/sim.py): " + desc
     if "sim_rates" in target:
         rates = target["sim_rates"]
+        alpha = target.get("sim_batch_alpha")
         desc += (
             f"; {rates[0]:g} prefill / {rates[1]:g} decode tok/s"
-            f", cache env {target['sim_env'] or 'defaults'}"
+            + (f", batch alpha {alpha:g}" if alpha is not None else "")
+            + f", cache env {target['sim_env'] or 'defaults'}"
         )
     lines += [desc, ""]
     for workload, res in report["workloads"].items():

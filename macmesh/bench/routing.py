@@ -9,7 +9,8 @@ prompt / cached / completion tokens (usage), and the node and route reason
 each policy starts from cold caches.
 
 Targets: `--nodes` (an existing mesh), `--sim N` (N SIMULATED nodes started
-as children: sleeping engines with a prompt cache, `node/backends/sim.py`) or
+as children: sleeping engines with a prompt cache that decode their streams as
+a batch, `node/backends/sim.py`) or
 `--gguf N` (N real nodes, each serving `smollm2.gguf` through llama-server).
 """
 
@@ -38,6 +39,7 @@ from macmesh.bench import workloads
 from macmesh.bench.procs import ManagedProcess, exit_on_sigterm
 from macmesh.bench.report import Sample, compare, markdown, summarize, write_report
 from macmesh.bench.workloads import DEFAULT_SIM_RATES, BenchRequest, WorkloadSpec
+from node.backends.sim import DEFAULT_BATCH_ALPHA
 from routing.policy import POLICY_NAMES
 
 SIM_MODEL = "sim-bench"
@@ -61,6 +63,9 @@ class RoutingBenchConfig:
     sim_rates: tuple[float, float] = DEFAULT_SIM_RATES
     sim_env: dict[str, str] = field(default_factory=dict)  # MLX_CACHE_* for the sim nodes
     sim_max_running: int = 4
+    # How the sim nodes' decode scales with the batch (node.backends.sim); None = the
+    # sim's default.
+    sim_batch_alpha: float | None = None
     gguf_slots: int = 2  # llama-server slots (--parallel) per --gguf node
     policies: tuple[str, ...] = POLICY_NAMES
     workloads: tuple[str, ...] = ("shared-prefix",)
@@ -113,6 +118,8 @@ def _children(
 def _sim_args(config: RoutingBenchConfig) -> list[str]:
     prefill, decode = config.sim_rates
     spec = f"{SIM_MODEL}:{prefill:g}:{decode:g}:{SIM_CONTEXT}"
+    if config.sim_batch_alpha is not None:
+        spec += f":{config.sim_batch_alpha:g}"
     return [
         "node", "--sim-model", spec, "--grpc-port", "0", "--no-bonjour", "--no-hf-cache",
         "--no-default-model", "--max-running", str(config.sim_max_running),
@@ -371,7 +378,13 @@ def _run_on(config: RoutingBenchConfig, peers: list[str], workdir: Path) -> dict
         }
     target: dict[str, Any] = {"nodes": len(peers), "model": model, "addresses": nodes}
     if config.sim:
-        target.update(mode="sim", sim_rates=list(config.sim_rates), sim_env=config.sim_env)
+        alpha = config.sim_batch_alpha
+        target.update(
+            mode="sim",
+            sim_rates=list(config.sim_rates),
+            sim_batch_alpha=DEFAULT_BATCH_ALPHA if alpha is None else alpha,
+            sim_env=config.sim_env,
+        )
     else:
         target["mode"] = "gguf" if config.gguf else "nodes"
         if config.gguf:

@@ -325,7 +325,9 @@ class LlamaCppBackend:
             assert t.slot is not None
             sched.sent(t)
             body = {**job.body, "id_slot": t.slot.id}
-            return asyncio.create_task(produce(server, job.endpoint, body, parser, run, events))
+            return asyncio.create_task(
+                produce(server, job.endpoint, body, parser, run, events, stats.count_decoded)
+            )
 
         try:
             ticket = sched.request(job.key, job.max_tokens)

@@ -8,12 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from mesh.types import GenerateEvent, ToolCall, ToolCallEvent
 from node.backends.llamacpp_server import LlamaServer
-from node.backends.llamacpp_wire import StreamRun, chunk_events, error_text, json_or_text
+from node.backends.llamacpp_wire import (
+    StreamRun,
+    chunk_events,
+    chunk_tokens,
+    error_text,
+    json_or_text,
+)
 from node.backends.outparse import OutputParser, new_call_id
 from node.backends.sse import SSEError, post_sse
 
@@ -37,10 +43,11 @@ async def produce(
     parser: OutputParser,
     run: StreamRun,
     out: asyncio.Queue[Item],
+    on_tokens: Callable[[int], None] | None = None,
 ) -> None:
     """Feed `out` from one stream: events, then None, or the failure."""
     try:
-        async for event in stream(server, endpoint, body, parser, run):
+        async for event in stream(server, endpoint, body, parser, run, on_tokens):
             out.put_nowait(event)
     except StreamFailed as failed:
         out.put_nowait(failed)
@@ -54,8 +61,12 @@ async def stream(
     body: dict[str, Any],
     parser: OutputParser,
     run: StreamRun,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> AsyncGenerator[GenerateEvent, None]:
-    """Events from one llama-server stream; raises StreamFailed on failure."""
+    """Events from one llama-server stream; raises StreamFailed on failure.
+
+    `on_tokens(n)` hears of every `n` tokens generated, as they stream (the
+    node's aggregate decode meter)."""
     if server.client is None:
         raise StreamFailed("UNAVAILABLE", await why_down(server, None))
     calls: dict[int, dict[str, str]] = {}
@@ -69,6 +80,8 @@ async def stream(
                 raise StreamFailed("INTERNAL", f"llama-server: {error_text(chunk)}")
             if isinstance(chunk.get("timings"), dict):
                 run.timings = chunk["timings"]
+            if on_tokens is not None and (n := chunk_tokens(chunk)):
+                on_tokens(n)
             for ev in chunk_events(chunk, parser, calls, run):
                 yield ev
             if parser.stopped:

@@ -77,6 +77,18 @@ def chunk_events(
     return out
 
 
+def chunk_tokens(chunk: dict[str, Any]) -> int:
+    """Tokens one streamed chunk generated: llama-server streams one per chunk, so 1
+    when it carries text, reasoning or a tool call's delta (either shape), else 0."""
+    if "choices" not in chunk:  # /completion
+        return 1 if chunk.get("content") else 0
+    for choice in chunk["choices"]:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return 1
+    return 0
+
+
 def usage_of(run: StreamRun, prompt_tokens: int, queue_s: float) -> Usage:
     t = run.timings
     cached = int(t.get("cache_n") or 0)
