@@ -16,6 +16,8 @@ from mesh.paths import DEFAULT_HTTP_PORT, macmesh_home
 from mesh.version import __version__
 from node.config import (
     DEFAULT_GRPC_PORT,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_PREFILL_CHUNK,
     CacheConfig,
     NodeConfig,
     SamplingDefaults,
@@ -103,7 +105,30 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         help="do not import the embedded SmolLM2 model on first run",
     )
     p.add_argument(
-        "--max-running", type=int, default=4, help="generations run together (default 4)"
+        "--max-running",
+        type=int,
+        default=DEFAULT_MAX_RUNNING,
+        help=f"MLX: requests run together, the batch limit (default {DEFAULT_MAX_RUNNING})",
+    )
+    p.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="MLX: no continuous batching; step each request one token per turn",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="TOKENS",
+        help="MLX: prompt tokens prefilled per step between decode steps "
+        f"(default {DEFAULT_PREFILL_CHUNK})",
+    )
+    p.add_argument(
+        "--kv-budget",
+        type=float,
+        metavar="GB",
+        help="MLX: GiB the running requests' KV caches may take "
+        "(default: the memory available, less 5%%)",
     )
     p.add_argument(
         "--max-waiting", type=int, default=256, help="queued generations before refusing"
@@ -119,8 +144,10 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         "--sim-model",
         action="append",
         default=[],
-        metavar="NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT]]]",
-        help="serve a SIMULATED model (benchmarks/tests only; repeatable)",
+        metavar="NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT[:ALPHA]]]]",
+        help="serve a SIMULATED model (benchmarks/tests only; repeatable); its streams "
+        "decode as a batch, each at DECODE_TPS / (1 + (b - 1) * ALPHA) with b decoding "
+        "(ALPHA 1: no batching gain; 0.15: an Apple GPU; default 0.7)",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -155,6 +182,10 @@ def _cache_config() -> CacheConfig:
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
+    if args.prefill_chunk < 16:
+        raise SystemExit("--prefill-chunk must be >= 16")
+    if args.kv_budget is not None and args.kv_budget <= 0:
+        raise SystemExit("--kv-budget must be > 0")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         raise SystemExit("--num-draft-tokens must be >= 1")
     try:
@@ -171,6 +202,9 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         hf_cache_dir=args.hf_cache_dir,
         max_running=args.max_running,
         max_waiting=args.max_waiting,
+        batching=not args.no_batching,
+        prefill_chunk=args.prefill_chunk,
+        kv_budget=int(args.kv_budget * (1 << 30)) if args.kv_budget is not None else None,
         num_draft_tokens=_num_draft_tokens(args.num_draft_tokens),
         cache=_cache_config(),
         preload=tuple(dict.fromkeys([*preload, *args.preload])),

@@ -258,7 +258,7 @@ async def test_draft_tokens_are_the_drafts_forward_passes(
     spec_client: NodeClient, spec_node: RunningNode
 ) -> None:
     """`draft_tokens` is what the draft really proposed: one forward pass per token."""
-    from node.backends.mlx_engine import _SPECULATIVE_PREFILL_STEP
+    from node.backends.mlx_solo import SPECULATIVE_PREFILL_STEP
 
     assert spec_node.server.core is not None
     mlx = spec_node.server.core.backend(MLXBackend)
@@ -276,7 +276,7 @@ async def test_draft_tokens_are_the_drafts_forward_passes(
         del mlx._models["smollm2-counted"]
         mlx._draft_ok.discard(("smollm2", "smollm2-counted"))
     u = fin.usage
-    prefill_passes = -(-(u.prompt_tokens - 1) // _SPECULATIVE_PREFILL_STEP)
+    prefill_passes = -(-(u.prompt_tokens - 1) // SPECULATIVE_PREFILL_STEP)
     assert u.draft_tokens == counting.calls - prefill_passes
     assert 0 <= u.accepted_draft_tokens < u.draft_tokens
 
@@ -369,14 +369,11 @@ def test_num_draft_tokens_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cancel_during_speculative_prefill() -> None:
     """The engine's own prefill checks the cancel flag between chunks."""
     pytest.importorskip("mlx_lm")
-    from node.backends.mlx_engine import (
-        _SPECULATIVE_PREFILL_STEP,
-        _Aborted,
-        _speculative_stream,
-    )
+    from node.backends.mlx_job import Aborted
+    from node.backends.mlx_solo import SPECULATIVE_PREFILL_STEP, speculative_stream
 
     calls: list[int] = []
-    job = SimpleNamespace(cancelled=False, prompt_ids=list(range(3 * _SPECULATIVE_PREFILL_STEP)))
+    job = SimpleNamespace(cancelled=False, prompt_ids=list(range(3 * SPECULATIVE_PREFILL_STEP)))
 
     class FakeModel:
         layers: tuple[()] = ()
@@ -389,6 +386,6 @@ def test_cancel_during_speculative_prefill() -> None:
             job.cancelled = True  # the client goes away during the first chunk
 
     job.model = job.draft_model = FakeModel()
-    with pytest.raises(_Aborted):
-        next(_speculative_stream(job, lambda x: x, None))  # type: ignore[arg-type]
-    assert calls == [_SPECULATIVE_PREFILL_STEP] * 2  # one chunk, target and draft
+    with pytest.raises(Aborted):
+        next(speculative_stream(job, lambda x: x, None))  # type: ignore[arg-type]
+    assert calls == [SPECULATIVE_PREFILL_STEP] * 2  # one chunk, target and draft

@@ -148,18 +148,29 @@ async def run_anthropic(
 
 
 async def run_openai(
-    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, **kw: bool
+    http: httpx.AsyncClient,
+    base: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    *,
+    cold: bool = False,
+    system: str = "",
 ) -> Sample:
-    """`POST /v1/chat/completions`, `stream: true` (usage in the last chunk)."""
+    """`POST /v1/chat/completions`, `stream: true` (usage in the last chunk); `system`,
+    when given, goes first as a system message."""
+    messages = chat_messages(prompt)
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
     body = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "messages": chat_messages(prompt),
+        "messages": messages,
     }
-    s = Sample("openai", cold=kw.get("cold", False))
+    s = Sample("openai", cold=cold)
     done = False
     t_req = time.perf_counter()
     async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:

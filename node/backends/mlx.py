@@ -1,4 +1,5 @@
-"""MLX backend: models loaded with mlx-lm, driven by the engine thread.
+"""MLX backend: models loaded with mlx-lm, driven by the engine thread
+(node.backends.mlx_engine: continuous batching per model).
 
 Each model has a prompt cache (`node.cache`, tuned by `MLX_CACHE_*` read at
 construction); `cache_state` reports its block hashes for coordinators.
@@ -19,7 +20,6 @@ from mesh.errors import (
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
-    Overloaded,
     Unavailable,
 )
 from mesh.types import (
@@ -41,11 +41,12 @@ from node.backends.chat_template import (
     template_supports_tools,
 )
 from node.backends.common import check_prompt, drain, request_id, room, with_fallback_tools
-from node.backends.mlx_engine import Engine, GenJob
+from node.backends.mlx_engine import Engine
+from node.backends.mlx_job import GenJob
 from node.backends.outparse import ParserConfig, prompt_opens_reasoning
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
-from node.config import DEFAULT_NUM_DRAFT_TOKENS, SamplingDefaults
+from node.config import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_PREFILL_CHUNK, SamplingDefaults
 from node.models.catalog import Catalog, CatalogEntry
 from node.sampling import resolve_sampling
 
@@ -181,6 +182,9 @@ class MLXBackend:
         defaults: SamplingDefaults,
         max_running: int = 4,
         max_waiting: int = 256,
+        batching: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_budget: int | None = None,
         num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
         cache_config: CacheConfig | None = None,
         on_change: Callable[[], None] | None = None,
@@ -200,7 +204,14 @@ class MLXBackend:
             cache_config if cache_config is not None else CacheConfig(),
             on_change=self._cache_changed,
         )
-        self._engine = Engine(max_running=max_running, max_waiting=max_waiting, caches=self._caches)
+        self._engine = Engine(
+            max_running=max_running,
+            max_waiting=max_waiting,
+            caches=self._caches,
+            batching=batching,
+            prefill_chunk=prefill_chunk,
+            kv_budget=kv_budget,
+        )
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
         # (target, draft) pairs already checked compatible; dropped on unload.
@@ -251,6 +262,7 @@ class MLXBackend:
         del lm
 
         def unload() -> None:
+            self._engine.drop_model(model_id)  # its batch goes once its requests end
             self._caches.drop_model(model_id)  # its KV arrays, before the memory is freed
             _unload_on_engine()
 
@@ -418,10 +430,6 @@ class MLXBackend:
                 raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
         check_prompt(ids, lm.context_length)
         sampling = replace(sampling, max_tokens=room(sampling.max_tokens, ids, lm.context_length))
-        if self._engine.waiting >= self._engine.max_waiting:
-            raise Overloaded(
-                f"{self._engine.waiting} requests already waiting on this node; retry later"
-            )
         rid = request_id(request)
         self._loop = asyncio.get_running_loop()
         hashes: list[int] | None = None
@@ -480,6 +488,10 @@ class MLXBackend:
     def waiting(self) -> int:
         return self._engine.waiting
 
+    def batch_sizes(self) -> dict[str, tuple[int, int]]:
+        """Per model batched so far: (requests in its batch now, the most it has held)."""
+        return self._engine.batch_sizes()
+
     async def close(self, grace: float) -> None:
         """Refuse new work, let in-flight streams finish for `grace` s, then cancel."""
         self._closing = True
@@ -496,6 +508,9 @@ def create(ctx: BackendContext) -> MLXBackend:
         defaults=c.sampling,
         max_running=c.max_running,
         max_waiting=c.max_waiting,
+        batching=c.batching,
+        prefill_chunk=c.prefill_chunk,
+        kv_budget=c.kv_budget,
         num_draft_tokens=c.num_draft_tokens,
         cache_config=c.cache,
         on_change=ctx.on_change,
