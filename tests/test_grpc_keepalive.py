@@ -9,7 +9,6 @@ client pinging every second shows it in three seconds instead of a minute.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest

@@ -35,7 +35,8 @@ from mesh.types import (
     TextDelta,
     TextPrompt,
 )
-from node.backends.mlx import MLXBackend, check_draft_tokenizer
+from node.backends.mlx import MLXBackend
+from node.backends.mlx_draft import check_draft_tokenizer
 from node.backends.stats import ModelStats
 from node.config import (
     DEFAULT_NUM_DRAFT_TOKENS,

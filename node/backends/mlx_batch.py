@@ -24,9 +24,19 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from node.backends.mlx_job import GenJob, logits_processors, make_sampler
 
 log = logging.getLogger(__name__)
+
+# Memory kept free for everything but the KV caches of running requests.
+MEMORY_MARGIN_FRACTION = 0.05
+MEMORY_MARGIN_MIN = 512 << 20
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
 
 
 def batchable(model: Any) -> bool:
@@ -107,6 +117,30 @@ class ModelBatch:
             return 0
         longest = max(len(j.prompt_ids) + j.sampling.max_tokens for j in rows)
         return len(rows) * longest * self.bytes_per_token
+
+    def room(self, kv_budget: int | None) -> int:
+        """Bytes the batch's KV caches may grow to: the budget, else the memory
+        available now (plus what the batch holds) less a margin."""
+        if kv_budget is not None:
+            return kv_budget
+        vm = psutil.virtual_memory()
+        margin = max(int(vm.total * MEMORY_MARGIN_FRACTION), MEMORY_MARGIN_MIN)
+        return max(vm.available + self.nbytes - margin, 0)
+
+    def alone_bytes(self, job: GenJob) -> int:
+        """KV bytes `job` needs at its end, alone."""
+        return (len(job.prompt_ids) + job.sampling.max_tokens) * self.bytes_per_token
+
+    def fits_alone(self, job: GenJob, room: int) -> bool:
+        return self.alone_bytes(job) <= room
+
+    def too_big(self, job: GenJob, room: int) -> str:
+        """Why `job` can never join: its size against the room, naming what to lower."""
+        return (
+            f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.sampling.max_tokens}) "
+            f"need {_gib(self.alone_bytes(job))} of KV cache for {job.model_id}; this node can "
+            f"give {_gib(room)}: lower max_tokens or shorten the prompt"
+        )
 
     def add(self, job: GenJob) -> None:
         """Admit `job`; it enters the BatchGenerator when the prefill budget allows."""

@@ -38,8 +38,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from mesh.errors import Overloaded
 from mesh.types import ErrorEvent, Finish, FinishReason, GenerateEvent, Usage
 from node.backends import mlx_solo
@@ -50,14 +48,6 @@ from node.backends.stats import Admission
 from node.cache import PromptCaches
 
 log = logging.getLogger(__name__)
-
-# Memory kept free for everything but the KV caches of running requests.
-_MEMORY_MARGIN_FRACTION = 0.05
-_MEMORY_MARGIN_MIN = 512 << 20
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
 
 
 class Engine:
@@ -163,9 +153,7 @@ class Engine:
 
     def batch_sizes(self) -> dict[str, tuple[int, int]]:
         """Per model with a batch: (requests in it now, the most it has held)."""
-        return {
-            mid.split("\0")[0]: (len(b), b.max_size) for mid, b in list(self._batches.items())
-        }
+        return {mid.split("\0")[0]: (len(b), b.max_size) for mid, b in list(self._batches.items())}
 
     def _next_item(self, block: bool) -> GenJob | Callable[[], None] | bool | None:
         """The next inbox item; False when the inbox is empty."""
@@ -236,14 +224,6 @@ class Engine:
             self._batches[job.model_id] = batch
         return batch
 
-    def _kv_room(self, batch: ModelBatch) -> int:
-        """Bytes the batch's KV caches may grow to."""
-        if self.kv_budget is not None:
-            return self.kv_budget
-        vm = psutil.virtual_memory()
-        margin = max(int(vm.total * _MEMORY_MARGIN_FRACTION), _MEMORY_MARGIN_MIN)
-        return max(vm.available + batch.nbytes - margin, 0)
-
     def _admit(self) -> None:
         """Start waiting requests in order while there is room."""
         while self._waiting:
@@ -260,22 +240,12 @@ class Engine:
                 self._solo.append(job)
                 continue
             batch = self._batch(job)
-            need, room = batch.need_bytes(job), self._kv_room(batch)
-            if need > room:
-                alone = (len(job.prompt_ids) + job.sampling.max_tokens) * batch.bytes_per_token
-                if len(batch) and alone <= room:
+            room = batch.room(self.kv_budget)
+            if batch.need_bytes(job) > room:
+                if len(batch) and batch.fits_alone(job, room):
                     return  # it fits once the batch shrinks: wait, in order
                 self._waiting.popleft()
-                self._emit(
-                    job,
-                    ErrorEvent(
-                        "RESOURCE_EXHAUSTED",
-                        f"prompt ({len(job.prompt_ids)} tokens) + max_tokens "
-                        f"({job.sampling.max_tokens}) need {_gib(alone)} of KV cache for "
-                        f"{job.model_id}; this node can give {_gib(room)}: lower max_tokens "
-                        "or shorten the prompt",
-                    ),
-                )
+                self._emit(job, ErrorEvent("RESOURCE_EXHAUSTED", batch.too_big(job, room)))
                 self._end(job, FinishReason.ERROR)
                 continue
             self._waiting.popleft()
