@@ -45,6 +45,7 @@ from node.backends.stats import AGGREGATE_WINDOW_S
 from node.config import NodeConfig
 from node.models.default import DEFAULT_GGUF_ID
 from tests.conftest import RunningNode, start_node
+from tests.node_calls import collect, finish_of, text_of
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("llama_server_binary")]
 
@@ -87,19 +88,6 @@ def gguf_node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 async def gclient(gguf_node: RunningNode) -> AsyncIterator[NodeClient]:
     async with NodeClient(gguf_node.target, timeout=120) as c:
         yield c
-
-
-async def collect(client: NodeClient, req: GenerateRequest) -> list[GenerateEvent]:
-    return [ev async for ev in client.generate(req)]
-
-
-def text_of(events: list[GenerateEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
-
-
-def finish_of(events: list[GenerateEvent]) -> Finish:
-    assert isinstance(events[-1], Finish), events
-    return events[-1]
 
 
 def test_the_binary_is_found_by_the_user_lookup() -> None:

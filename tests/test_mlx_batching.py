@@ -19,13 +19,10 @@ import pytest
 
 from mesh.client import NodeClient
 from mesh.types import (
-    ChatPrompt,
     ErrorEvent,
-    Finish,
     FinishReason,
     GenerateEvent,
     GenerateRequest,
-    Message,
     SamplingParams,
     TextDelta,
     TokenPrompt,
@@ -33,6 +30,7 @@ from mesh.types import (
 from node.backends.mlx import MLXBackend
 from node.config import CacheConfig, NodeConfig
 from tests.conftest import RunningNode, start_node
+from tests.node_calls import chat, collect, finish_of, text_of
 
 pytestmark = pytest.mark.model
 
@@ -46,28 +44,6 @@ PROMPTS = (
     "Name a large planet.",
     "What is ice made of?",
 )
-
-
-def chat(text: str, **sampling: object) -> GenerateRequest:
-    return GenerateRequest(
-        model="smollm2",
-        prompt=ChatPrompt((Message("user", text),)),
-        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
-    )
-
-
-async def collect(client: NodeClient, req: GenerateRequest) -> list[GenerateEvent]:
-    return [ev async for ev in client.generate(req)]
-
-
-def text_of(events: list[GenerateEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
-
-
-def finish_of(events: list[GenerateEvent]) -> Finish:
-    last = events[-1]
-    assert isinstance(last, Finish), events
-    return last
 
 
 def mlx_of(node: RunningNode) -> MLXBackend:

@@ -14,9 +14,7 @@ from mesh.errors import InvalidRequest, ModelNotFound
 from mesh.types import (
     ChatPrompt,
     ErrorEvent,
-    Finish,
     FinishReason,
-    GenerateEvent,
     GenerateRequest,
     Message,
     SamplingParams,
@@ -30,32 +28,11 @@ from node.backends.mlx import MLXBackend
 from proto import node_pb2 as pb
 from proto import node_pb2_grpc as pb_grpc
 from tests.conftest import RunningNode
+from tests.node_calls import chat, collect, finish_of, text_of
 
 pytestmark = pytest.mark.model
 
 PARIS = "What is the capital of France?"
-
-
-def chat(text: str, **sampling: object) -> GenerateRequest:
-    return GenerateRequest(
-        model="smollm2",
-        prompt=ChatPrompt((Message("user", text),)),
-        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
-    )
-
-
-async def collect(client: NodeClient, req: GenerateRequest) -> list[GenerateEvent]:
-    return [ev async for ev in client.generate(req)]
-
-
-def text_of(events: list[GenerateEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
-
-
-def finish_of(events: list[GenerateEvent]) -> Finish:
-    last = events[-1]
-    assert isinstance(last, Finish), events
-    return last
 
 
 async def test_greedy_paris_streams(client: NodeClient) -> None:
