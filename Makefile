@@ -77,6 +77,8 @@ bench: install
 	$(BIN)/python bench/speculative.py --backend gguf
 	$(BIN)/python bench/routing_decision.py
 	$(BIN)/python bench/prompt_cache.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/prefill_gap.py
 
 ## The real Claude Code CLI, pinned, in a project-local prefix (for end-to-end checks).
 ## Binary: $(CLAUDE_CODE_BIN). Skipped (exit 0) when npm is missing.
