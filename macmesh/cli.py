@@ -131,6 +131,12 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         "(default: the memory available, less 5%%)",
     )
     p.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="GiB macmesh may use on this machine, reported to coordinators (default: none)",
+    )
+    p.add_argument(
         "--max-waiting", type=int, default=256, help="queued generations before refusing"
     )
     p.add_argument(
@@ -179,6 +185,10 @@ def _cache_config() -> CacheConfig:
         raise SystemExit(f"macmesh: {exc}") from None
 
 
+def _gib(value: float | None) -> int | None:
+    return int(value * (1 << 30)) if value is not None else None
+
+
 def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeConfig:
     if args.max_running < 1:
         raise SystemExit("--max-running must be >= 1")
@@ -186,6 +196,8 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         raise SystemExit("--prefill-chunk must be >= 16")
     if args.kv_budget is not None and args.kv_budget <= 0:
         raise SystemExit("--kv-budget must be > 0")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise SystemExit("--memory-budget must be > 0")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         raise SystemExit("--num-draft-tokens must be >= 1")
     try:
@@ -204,7 +216,8 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         max_waiting=args.max_waiting,
         batching=not args.no_batching,
         prefill_chunk=args.prefill_chunk,
-        kv_budget=int(args.kv_budget * (1 << 30)) if args.kv_budget is not None else None,
+        kv_budget=_gib(args.kv_budget),
+        memory_budget=_gib(args.memory_budget),
         num_draft_tokens=_num_draft_tokens(args.num_draft_tokens),
         cache=_cache_config(),
         preload=tuple(dict.fromkeys([*preload, *args.preload])),

@@ -200,6 +200,11 @@ class ModelInfo:
     supports_tools: bool = False
     supports_thinking: bool = False
     memory_bytes: int = 0
+    # Weights plus one full-context sequence's KV cache (node.models.memory).
+    estimated_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    # Loaded: measured / estimated - 1 (0 = unknown).
+    estimate_error: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,8 @@ class Memory:
     used_bytes: int = 0
     available_bytes: int = 0
     framework_bytes: int = 0
+    # What macmesh may use on this machine (`--memory-budget`; 0 = no budget).
+    budget_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -314,6 +314,9 @@ def model_to_pb(m: ModelInfo) -> pb.ModelInfo:
         supports_tools=m.supports_tools,
         supports_thinking=m.supports_thinking,
         memory_bytes=m.memory_bytes,
+        estimated_bytes=m.estimated_bytes,
+        kv_bytes_per_token=m.kv_bytes_per_token,
+        estimate_error=m.estimate_error,
     )
 
 
@@ -330,6 +333,9 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         supports_tools=m.supports_tools,
         supports_thinking=m.supports_thinking,
         memory_bytes=m.memory_bytes,
+        estimated_bytes=m.estimated_bytes,
+        kv_bytes_per_token=m.kv_bytes_per_token,
+        estimate_error=m.estimate_error,
     )
 
 
@@ -360,6 +366,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
             used_bytes=s.memory.used_bytes,
             available_bytes=s.memory.available_bytes,
             framework_bytes=s.memory.framework_bytes,
+            budget_bytes=s.memory.budget_bytes,
         ),
         load=[
             pb.ModelLoad(
@@ -399,6 +406,7 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
             used_bytes=mem.used_bytes,
             available_bytes=mem.available_bytes,
             framework_bytes=mem.framework_bytes,
+            budget_bytes=mem.budget_bytes,
         ),
         load=tuple(
             ModelLoad(

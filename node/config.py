@@ -196,6 +196,9 @@ class NodeConfig:
     # MLX: bytes the running requests' KV caches may take (None: what the
     # machine has available, less a margin).
     kv_budget: int | None = None
+    # Bytes macmesh may use on this machine (`--memory-budget`), reported to
+    # coordinators for placement; None = no budget.
+    memory_budget: int | None = None
     # Waiting generations beyond this are refused (RESOURCE_EXHAUSTED).
     max_waiting: int = 256
     # Speculative decoding: tokens a draft proposes per round (`--num-draft-tokens`,

@@ -157,6 +157,7 @@ class NodeCore:
             used_bytes=vm.total - vm.available,
             available_bytes=vm.available,
             framework_bytes=framework_memory(),
+            budget_bytes=self.config.memory_budget or 0,
         )
 
     def load_stats(self) -> list[ModelLoad]:
@@ -205,6 +206,8 @@ class NodeCore:
                     size_bytes=entry.size_bytes,
                     context_length=entry.context_length,
                     quantization=entry.quantization,
+                    estimated_bytes=entry.estimated_bytes,
+                    kv_bytes_per_token=entry.kv_bytes_per_token,
                 )
             )
         out.extend(loaded.values())  # loaded from outside the catalog (built in, by path)

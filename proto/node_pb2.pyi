@@ -637,6 +637,9 @@ class ModelInfo(_message.Message):
     SUPPORTS_TOOLS_FIELD_NUMBER: _builtins.int
     SUPPORTS_THINKING_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    ESTIMATE_ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     backend: _builtins.str
     """mlx | gguf"""
@@ -652,6 +655,16 @@ class ModelInfo(_message.Message):
     supports_thinking: _builtins.bool
     memory_bytes: _builtins.int
     """Bytes the loaded weights take (0 when not loaded)."""
+    estimated_bytes: _builtins.int
+    """Estimated resident size: weights plus one full-context sequence's KV cache
+    (node.models.memory; 0 = unknown).
+    """
+    kv_bytes_per_token: _builtins.int
+    """KV cache bytes one token costs (0 = unknown)."""
+    estimate_error: _builtins.float
+    """Loaded models: what the load measured over what was estimated for it, less 1
+    (MLX: the weights; GGUF: llama-server's memory against weights + its KV).
+    """
     def __init__(
         self,
         *,
@@ -666,10 +679,13 @@ class ModelInfo(_message.Message):
         supports_tools: _builtins.bool = ...,
         supports_thinking: _builtins.bool = ...,
         memory_bytes: _builtins.int = ...,
+        estimated_bytes: _builtins.int = ...,
+        kv_bytes_per_token: _builtins.int = ...,
+        estimate_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "id", b"id", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "estimate_error", b"estimate_error", "estimated_bytes", b"estimated_bytes", "id", b"id", "kv_bytes_per_token", b"kv_bytes_per_token", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,11 +844,14 @@ class Memory(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
     FRAMEWORK_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     used_bytes: _builtins.int
     available_bytes: _builtins.int
     framework_bytes: _builtins.int
     """Bytes held by the ML framework (MLX active memory)."""
+    budget_bytes: _builtins.int
+    """What macmesh may use on this machine (`--memory-budget`; 0 = no budget)."""
     def __init__(
         self,
         *,
@@ -840,10 +859,11 @@ class Memory(_message.Message):
         used_bytes: _builtins.int = ...,
         available_bytes: _builtins.int = ...,
         framework_bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "framework_bytes", b"framework_bytes", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "budget_bytes", b"budget_bytes", "framework_bytes", b"framework_bytes", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

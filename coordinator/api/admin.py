@@ -183,6 +183,7 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                 "used_bytes": state.memory.used_bytes,
                 "available_bytes": state.memory.available_bytes,
                 "framework_bytes": state.memory.framework_bytes,
+                "budget_bytes": state.memory.budget_bytes or None,
             },
             models=[
                 {
@@ -190,7 +191,11 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                     "backend": m.backend,
                     "loaded": m.loaded,
                     "context_length": m.context_length,
+                    "size_bytes": m.size_bytes,
                     "memory_bytes": m.memory_bytes,
+                    "estimated_bytes": m.estimated_bytes,
+                    "kv_bytes_per_token": m.kv_bytes_per_token,
+                    "estimate_error": m.estimate_error if m.loaded else None,
                 }
                 for m in state.models
             ],

@@ -60,6 +60,7 @@ from node.backends.outparse import OutputParser, ParserConfig
 from node.backends.stats import Admission, ModelStats
 from node.config import SamplingDefaults
 from node.models.catalog import Catalog
+from node.models.memory import estimate_error, estimated_bytes
 from node.sampling import resolve_sampling
 from routing.prefix import DEFAULT_BLOCK_SIZE
 
@@ -203,20 +204,26 @@ class LlamaCppBackend:
                 continue
             prev = out.get(mid)
             memory = server.memory_bytes() + (prev.memory_bytes if prev else 0)
+            entry = self.catalog.entries().get(mid)
+            kv = entry.kv_bytes_per_token if entry is not None else 0
+            size = server.spec.model_path.stat().st_size if server.spec.model_path.exists() else 0
+            # llama-server allocates the KV cache of its whole context (all slots) at start.
+            estimated = estimated_bytes(size, kv, server.info.n_ctx)
             out[mid] = ModelInfo(
                 id=mid,
                 backend="gguf",
                 source="llama-server",
                 path=str(server.spec.model_path),
                 loaded=True,
-                size_bytes=server.spec.model_path.stat().st_size
-                if server.spec.model_path.exists()
-                else 0,
+                size_bytes=size,
                 context_length=server.info.n_ctx,
                 quantization=prev.quantization if prev else self._quant(mid),
                 supports_tools=True,  # natively, or through the described-tools fallback
                 supports_thinking=server.info.supports_thinking,
                 memory_bytes=memory,
+                estimated_bytes=estimated,
+                kv_bytes_per_token=kv,
+                estimate_error=estimate_error(memory, estimated),
             )
         return out
 

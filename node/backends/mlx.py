@@ -49,6 +49,7 @@ from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
 from node.config import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_PREFILL_CHUNK, SamplingDefaults
 from node.models.catalog import Catalog, CatalogEntry
+from node.models.memory import estimate_error
 from node.sampling import resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class LoadedModel:
             supports_tools=True,
             supports_thinking=bool(tok.has_thinking),
             memory_bytes=self.memory_bytes,
+            estimated_bytes=self.entry.estimated_bytes,
+            kv_bytes_per_token=self.entry.kv_bytes_per_token,
+            # What a load measures is the weights: against their size on disk.
+            estimate_error=estimate_error(self.memory_bytes, self.entry.size_bytes),
         )
 
 
@@ -199,7 +204,13 @@ class MLXBackend:
             finally:
                 self._loading.pop(model_id, None)
             self._models[model_id] = lm
-            log.info("loaded %s in %.2fs", model_id, time.perf_counter() - t0)
+            log.info(
+                "loaded %s in %.2fs: weights %.1f MiB, %+.1f%% against the estimate",
+                model_id,
+                time.perf_counter() - t0,
+                lm.memory_bytes / (1 << 20),
+                estimate_error(lm.memory_bytes, entry.size_bytes) * 100,
+            )
         else:
             lm = await asyncio.shield(fut)
         return lm.info(), time.perf_counter() - t0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from node.models.entry import CatalogEntry
 from node.models.gguf import GGUFHeader, GGUFImportError, read_header
+from node.models.memory import gguf_kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,14 @@ _FILE_TYPES = {
 # Later shards of a split model and vision projectors are not models of their own.
 _NOT_A_MODEL = re.compile(r"(-0000[2-9]|-000[1-9]\d)-of-\d+\.gguf$|^mmproj", re.IGNORECASE)
 
-_cache: dict[tuple[str, int, int], tuple[int, str] | None] = {}
+_cache: dict[tuple[str, int, int], tuple[int, str, int] | None] = {}
 _cache_lock = threading.Lock()
 _CACHE_MAX = 4096
 
 
-def _summary(path: Path) -> tuple[int, str] | None:
-    """(context length, quantization) from the header, memoized; None if unreadable."""
+def _summary(path: Path) -> tuple[int, str, int] | None:
+    """(context length, quantization, KV bytes per token) from the header, memoized;
+    None if unreadable."""
     try:
         st = path.stat()
     except OSError:
@@ -63,7 +65,8 @@ def _summary(path: Path) -> tuple[int, str] | None:
             return _cache[key]
     try:
         header = read_header(path)
-        value: tuple[int, str] | None = (_context(header), _quant(header))
+        kv = gguf_kv_bytes_per_token(header.metadata, header.architecture)
+        value: tuple[int, str, int] | None = (_context(header), _quant(header), kv)
     except (GGUFImportError, OSError) as exc:
         log.warning("skipping %s: not a readable GGUF (%s)", path, exc)
         value = None
@@ -102,7 +105,7 @@ def gguf_entry(path: Path, source: str) -> CatalogEntry | None:
     summary = _summary(path)
     if summary is None:
         return None
-    context, quant = summary
+    context, quant, kv = summary
     return CatalogEntry(
         id=path.name,
         backend="gguf",
@@ -111,6 +114,7 @@ def gguf_entry(path: Path, source: str) -> CatalogEntry | None:
         size_bytes=path.stat().st_size,
         context_length=context,
         quantization=quant,
+        kv_bytes_per_token=kv,
     )
 
 

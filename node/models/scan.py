@@ -23,6 +23,7 @@ from typing import Any
 
 from node.models.entry import CatalogEntry
 from node.models.gguf_catalog import gguf_entry
+from node.models.memory import mlx_kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _weights_problem(path: Path) -> str | None:
-    """Why the safetensors weights in dir `path` are not servable, or None."""
+def _weight_files(path: Path) -> list[Path] | str:
+    """The safetensors files of dir `path` (per its index, if any), or why there are none."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -110,8 +111,14 @@ def _weights_problem(path: Path) -> str | None:
         files = [path / s for s in shards]
     else:
         files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return "no *.safetensors weights"
+    return files or "no *.safetensors weights"
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why the safetensors weights in dir `path` are not servable, or None."""
+    files = _weight_files(path)
+    if isinstance(files, str):
+        return files
     for f in files:
         if not f.is_file():
             return f"{f.name} is missing"
@@ -119,6 +126,32 @@ def _weights_problem(path: Path) -> str | None:
         if problem:
             return f"{f.name}: {problem}"
     return None
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def activation_bytes(path: Path) -> int:
+    """Bytes per value of an MLX model's activations, hence of its KV cache: MLX
+    promotes to the widest float dtype they meet, so the widest of the token
+    embedding's (scales or weights) and the norms' dtypes; 2 when unreadable."""
+    files = _weight_files(path)
+    widest = 0
+    for f in [] if isinstance(files, str) else files:
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > _MAX_SAFETENSORS_HEADER:
+                    continue
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, info in header.items():
+            if not isinstance(info, dict):
+                continue
+            if name.endswith(("embed_tokens.scales", "embed_tokens.weight", "norm.weight")):
+                widest = max(widest, _DTYPE_BYTES.get(str(info.get("dtype")), 0))
+    return widest or 2
 
 
 def _stat_entries(path: Path) -> list[tuple[os.DirEntry[str], os.stat_result]] | None:
@@ -177,6 +210,7 @@ def _mlx_entry(
         size_bytes=_dir_size(path),
         context_length=_context_length(config),
         quantization=_quantization(config),
+        kv_bytes_per_token=mlx_kv_bytes_per_token(config, activation_bytes(path)),
     )
 
 
