@@ -42,6 +42,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                         "size_bytes": e.size_bytes,
                         "context_length": e.context_length,
                         "quantization": e.quantization,
+                        "kv_bytes_per_token": e.kv_bytes_per_token,
+                        "estimated_bytes": e.estimated_bytes,
                     }
                     for e in entries.values()
                 ],
@@ -53,9 +55,16 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         print("no models found")
         return 0
     width = max(len(e) for e in entries)
+    print(f"{'model':<{width}}  {'kind':<4}  {'source':<10}  {'on disk':>10}  {'est. memory':>11}  "
+          "quantization")  # fmt: skip
     for e in entries.values():
         size = f"{e.size_bytes / 1e6:,.0f} MB"
-        print(f"{e.id:<{width}}  {e.backend:<4}  {e.source:<10}  {size:>10}  {e.quantization}")
+        # Weights plus one full-context sequence's KV cache (node.models.memory).
+        est = f"{e.estimated_bytes / 1e6:,.0f} MB" if e.kv_bytes_per_token else "?"
+        print(
+            f"{e.id:<{width}}  {e.backend:<4}  {e.source:<10}  {size:>10}  {est:>11}  "
+            f"{e.quantization}"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -75,6 +76,13 @@ def test_import_and_list(tmp_path: Path) -> None:
     assert "q4_1" in out.stdout
     listed = run("models", "list", "--models-dir", str(tmp_path), "--no-hf-cache", "--json")
     assert '"id": "smol"' in listed.stdout
+    (smol,) = [m for m in json.loads(listed.stdout) if m["id"] == "smol"]
+    assert smol["kv_bytes_per_token"] > 0
+    assert smol["estimated_bytes"] == (
+        smol["size_bytes"] + smol["kv_bytes_per_token"] * smol["context_length"]
+    )
+    table = run("models", "list", "--models-dir", str(tmp_path), "--no-hf-cache")
+    assert "est. memory" in table.stdout and "smol" in table.stdout
 
 
 class NodeProcess:
