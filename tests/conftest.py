@@ -82,6 +82,20 @@ def start_node(config: NodeConfig) -> RunningNode:
     return RunningNode(server, loop, thread)
 
 
+def start_smollm2_node(home: Path, models_dir: Path, **config: Any) -> RunningNode:
+    """A node on port 0 with SmolLM2 preloaded and `config` (NodeConfig fields) on top."""
+    return start_node(
+        NodeConfig(
+            grpc_port=0,
+            home=home,
+            models_dir=models_dir,
+            scan_hf_cache=False,
+            preload=("smollm2",),
+            **config,
+        )
+    )
+
+
 def start_sim_node(home: Path, spec: SimModelSpec, cache: CacheConfig | None = None) -> RunningNode:
     """A node serving one SIMULATED model from its own home (no real models)."""
     return start_node(

@@ -17,7 +17,6 @@ import pytest
 from mesh.client import NodeClient
 from mesh.types import NodeState
 from node.backends.mlx import MLXBackend
-from node.config import NodeConfig
 from node.models.gguf_catalog import gguf_entry
 from node.models.memory import (
     estimate_error,
@@ -26,7 +25,7 @@ from node.models.memory import (
     mlx_kv_bytes_per_token,
 )
 from node.models.scan import mlx_entry
-from tests.conftest import RunningNode, start_node
+from tests.conftest import RunningNode, start_smollm2_node
 
 
 def test_kv_bytes_per_token_from_configs() -> None:
@@ -74,15 +73,10 @@ def test_estimates_match_the_real_smollm2(models_dir: Path) -> None:
 def budget_node(
     models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningNode]:
-    running = start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=tmp_path_factory.mktemp("budget"),
-            models_dir=models_dir,
-            scan_hf_cache=False,
-            preload=("smollm2",),
-            memory_budget=6 << 30,
-        )
+    running = start_smollm2_node(
+        tmp_path_factory.mktemp("budget"),
+        models_dir,
+        memory_budget=6 << 30,
     )
     yield running
     running.stop()

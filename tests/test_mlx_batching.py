@@ -28,8 +28,8 @@ from mesh.types import (
     TokenPrompt,
 )
 from node.backends.mlx import MLXBackend
-from node.config import CacheConfig, NodeConfig
-from tests.conftest import RunningNode, start_node
+from node.config import CacheConfig
+from tests.conftest import RunningNode, start_smollm2_node
 from tests.node_calls import chat, collect, finish_of, text_of
 
 pytestmark = pytest.mark.model
@@ -153,16 +153,11 @@ def chunked_node(
     models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningNode]:
     """A node prefilling 16 tokens per step, with no prompt cache (every prefill is real)."""
-    running = start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=tmp_path_factory.mktemp("chunked"),
-            models_dir=models_dir,
-            scan_hf_cache=False,
-            preload=("smollm2",),
-            prefill_chunk=16,
-            cache=CacheConfig(max_slots=0),
-        )
+    running = start_smollm2_node(
+        tmp_path_factory.mktemp("chunked"),
+        models_dir,
+        prefill_chunk=16,
+        cache=CacheConfig(max_slots=0),
     )
     yield running
     running.stop()
@@ -208,16 +203,11 @@ async def test_a_long_prefill_does_not_freeze_a_running_stream(chunked: NodeClie
 @pytest.fixture(scope="module")
 def tight_node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     """A node whose running requests' KV caches may take 3 MiB."""
-    running = start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=tmp_path_factory.mktemp("tight"),
-            models_dir=models_dir,
-            scan_hf_cache=False,
-            preload=("smollm2",),
-            max_running=8,
-            kv_budget=3 << 20,
-        )
+    running = start_smollm2_node(
+        tmp_path_factory.mktemp("tight"),
+        models_dir,
+        max_running=8,
+        kv_budget=3 << 20,
     )
     yield running
     running.stop()

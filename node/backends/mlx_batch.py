@@ -97,8 +97,6 @@ class ModelBatch:
         # Jobs inside the BatchGenerator, by uid; jobs admitted but not yet in it.
         self.jobs: dict[int, GenJob] = {}
         self.pending: deque[GenJob] = deque()
-        # Drop the batch once idle (its model was unloaded).
-        self.retired = False
         # The most requests it has held at once (admitted ones included).
         self.max_size = 0
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -45,7 +44,7 @@ from node.backends.mlx_batch import ModelBatch, Step, batchable
 from node.backends.mlx_job import Aborted, GenJob
 from node.backends.outparse import OutputParser
 from node.backends.stats import Admission
-from node.cache import PromptCaches
+from node.cache import Lease, PromptCaches
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,8 @@ class Engine:
         self._inbox: queue.Queue[GenJob | Callable[[], None] | None] = queue.Queue()
         self._waiting: deque[GenJob] = deque()
         self._solo: list[GenJob] = []
-        self._batches: dict[str, ModelBatch] = {}
+        self._batches: dict[str, ModelBatch] = {}  # the live batch per model
+        self._retired: list[ModelBatch] = []  # unloaded or reloaded models' batches, draining
         self._batchable: dict[int, bool] = {}  # by id(model)
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet running (for queue positions)
@@ -124,7 +124,7 @@ class Engine:
             ahead = max(0, self._running + self._queued - self.max_running + 1)
             self._queued += 1
             # The node-wide limit above is the one that applies.
-            job.admission = Admission(job.stats, max_waiting=sys.maxsize)
+            job.admission = Admission(job.stats)
             # What the cache will serve is only known when the job starts (on
             # the engine thread); until then count the submitter's estimate.
             job.admission.queue_prefill(len(job.prompt_ids) - job.predicted_cached)
@@ -142,18 +142,28 @@ class Engine:
         """Engine thread: the model is unloaded; its batch goes once idle."""
         batch = self._batches.get(model_id)
         if batch is not None:
-            batch.retired = True
+            self._retire(batch)
             self._drop_idle()
 
-    def _drop_idle(self) -> None:
-        for mid, batch in list(self._batches.items()):
-            if batch.retired and not len(batch):
-                batch.close()
+    def _retire(self, batch: ModelBatch) -> None:
+        """No new request joins `batch`; it is dropped once its requests have left."""
+        for mid, live in list(self._batches.items()):
+            if live is batch:
                 del self._batches[mid]
+        if batch not in self._retired:
+            self._retired.append(batch)
+
+    def _drop_idle(self) -> None:
+        for batch in [b for b in self._retired if not len(b)]:
+            batch.close()
+            self._retired.remove(batch)
+
+    def _all_batches(self) -> list[ModelBatch]:
+        return [*self._batches.values(), *self._retired]
 
     def batch_sizes(self) -> dict[str, tuple[int, int]]:
-        """Per model with a batch: (requests in it now, the most it has held)."""
-        return {mid.split("\0")[0]: (len(b), b.max_size) for mid, b in list(self._batches.items())}
+        """Per model with a live batch: (requests in it now, the most it has held)."""
+        return {mid: (len(b), b.max_size) for mid, b in list(self._batches.items())}
 
     def _next_item(self, block: bool) -> GenJob | Callable[[], None] | bool | None:
         """The next inbox item; False when the inbox is empty."""
@@ -163,7 +173,7 @@ class Engine:
             return False
 
     def _busy(self) -> bool:
-        return bool(self._solo or any(len(b) for b in self._batches.values()))
+        return bool(self._solo or any(len(b) for b in self._all_batches()))
 
     def _run(self) -> None:
         while True:
@@ -179,7 +189,7 @@ class Engine:
                     item()
                 item = self._next_item(block=False)
             self._admit()
-            for batch in list(self._batches.values()):
+            for batch in self._all_batches():
                 if len(batch):
                     self._step_batch(batch)
             for job in list(self._solo):
@@ -188,7 +198,7 @@ class Engine:
 
     def _shutdown(self) -> None:
         jobs = [*self._solo, *self._waiting]
-        for batch in self._batches.values():
+        for batch in self._all_batches():
             jobs += [*batch.jobs.values(), *batch.pending]
         for job in jobs:
             if not job.finished:
@@ -213,8 +223,7 @@ class Engine:
         batch = self._batches.get(job.model_id)
         if batch is None or batch.model is not job.model:
             if batch is not None:  # reloaded: the old batch drains, then goes
-                batch.retired = True
-                self._batches[f"{job.model_id}\0{id(batch)}"] = batch
+                self._retire(batch)
             batch = ModelBatch(
                 job.model,
                 job.tokenizer,
@@ -252,14 +261,7 @@ class Engine:
             self._set_running(job)
             job.parser = OutputParser(job.parser_config)
             job.started_at = time.perf_counter()
-            if self.caches is not None:
-                self._lease(job)
-            else:
-                from mlx_lm.models.cache import make_prompt_cache
-
-                from node.cache import Lease
-
-                job.lease = Lease(job.model_id, make_prompt_cache(job.model), 0, "fresh")
+            self._lease(job)
             batch.add(job)
 
     def _set_running(self, job: GenJob) -> None:
@@ -273,13 +275,15 @@ class Engine:
         """Lease the job's prompt cache; the real prefill is known from here on."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        assert self.caches is not None
-        job.lease = self.caches.acquire(
-            job.model_id,
-            job.prompt_ids,
-            lambda: make_prompt_cache(job.model),
-            job.prompt_hashes,
-        )
+        if self.caches is None:  # no prompt cache: an empty KV cache of its own
+            job.lease = Lease(job.model_id, make_prompt_cache(job.model), 0, "fresh")
+        else:
+            job.lease = self.caches.acquire(
+                job.model_id,
+                job.prompt_ids,
+                lambda: make_prompt_cache(job.model),
+                job.prompt_hashes,
+            )
         job.cached = job.lease.cached
         with self._lock:
             assert job.admission is not None
@@ -302,7 +306,7 @@ class Engine:
             jobs = [*batch.jobs.values(), *batch.pending]
             batch.jobs.clear()
             batch.pending.clear()
-            batch.retired = True
+            self._retire(batch)  # the next request starts a fresh batch
             for job in jobs:
                 job.uid, job.batch = None, None
                 self._emit(job, ErrorEvent("INTERNAL", f"generation failed: {exc}"))

@@ -115,13 +115,6 @@ def make_sampler(s: ResolvedSampling) -> Callable[[Any], Any] | None:
     return sample
 
 
-def greedy(logprobs: Any) -> Any:
-    """Argmax over the vocabulary (what mlx-lm's own greedy sampler does)."""
-    import mlx.core as mx
-
-    return mx.argmax(logprobs, axis=-1)
-
-
 def logits_processors(s: ResolvedSampling) -> list[Callable[[Any, Any], Any]]:
     """The repetition penalty, when asked for (mlx-lm's processor)."""
     if s.repetition_penalty == 1.0:

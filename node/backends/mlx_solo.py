@@ -24,7 +24,6 @@ from typing import Any
 from node.backends.mlx_job import (
     Aborted,
     GenJob,
-    greedy,
     logits_processors,
     make_sampler,
     with_prompt_context,
@@ -55,7 +54,7 @@ def start(job: GenJob, caches: PromptCaches | None, lease_cache: Callable[[GenJo
     job.parser = OutputParser(job.parser_config)
     # Before the cache lookup: a copy of a long prefix is part of the prefill.
     job.started_at = time.perf_counter()
-    sampler = make_sampler(job.sampling) or greedy
+    sampler = make_sampler(job.sampling)  # None: mlx-lm's own argmax
     if job.draft_model is not None:
         log.debug(
             "%s: %s drafted by %s, %d tokens a round",
@@ -86,7 +85,9 @@ def start(job: GenJob, caches: PromptCaches | None, lease_cache: Callable[[GenJo
 
 
 def speculative_stream(
-    job: GenJob, sampler: Callable[[Any], Any], processors: list[Callable[[Any, Any], Any]] | None
+    job: GenJob,
+    sampler: Callable[[Any], Any] | None,
+    processors: list[Callable[[Any, Any], Any]] | None,
 ) -> Iterator[Any]:
     """`stream_generate` with the draft, after a prefill that can be abandoned.
 

@@ -164,8 +164,10 @@ class Admission:
     first token, and leaving undoes whatever is still counted.
     """
 
-    def __init__(self, stats: ModelStats, max_waiting: int) -> None:
-        if stats.waiting >= max_waiting:
+    def __init__(self, stats: ModelStats, max_waiting: int | None = None) -> None:
+        """`max_waiting` None: the caller applies its own limit (the MLX engine's is
+        node-wide)."""
+        if max_waiting is not None and stats.waiting >= max_waiting:
             raise Overloaded(f"{stats.waiting} requests already waiting on this node; retry later")
         self.stats = stats
         self.running = False
