@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from coordinator.api import admin, anthropic, openai, prometheus
+from coordinator.api import admin, anthropic, hub, model_files, openai, prometheus
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -167,5 +167,7 @@ def create_app(
     app.include_router(anthropic.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(hub.router)
+    app.include_router(model_files.router)
     app.include_router(prometheus.router)
     return app

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from mesh.client import NodeClient
-from mesh.errors import MeshError, Unauthenticated
+from mesh.errors import InvalidRequest, MeshError, Unauthenticated
 from mesh.types import ModelInfo, NodeState
 from routing.prefix import PrefixIndex
 
@@ -228,6 +228,18 @@ class NodeRegistry:
                 if seen is None or v.last_seen > seen.last_seen:
                     best[v.node_id] = v
         return list(best.values())
+
+    def find(self, node: str) -> NodeView:
+        """The online node with id or address `node` (what `--node` flags name).
+
+        Raises InvalidRequest naming the online nodes when there is none.
+        """
+        online = self.online()
+        for view in online:
+            if node in (view.node_id, view.target):
+                return view
+        names = ", ".join(sorted(v.node_id for v in online)) or "none"
+        raise InvalidRequest(f"no online node {node!r} (online: {names})", field="node")
 
     def served_models(self) -> dict[str, list[NodeView]]:
         """Model id -> online nodes that can serve it (loaded or loadable)."""

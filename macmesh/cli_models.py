@@ -124,3 +124,7 @@ def add_models_parser(sub: Any) -> None:
     q = msub.add_parser("prepare-default", help="import the embedded SmolLM2 model")
     q.add_argument("--models-dir", type=Path)
     q.set_defaults(func=cmd_models_prepare_default)
+    from macmesh import cli_copy, cli_hub
+
+    cli_hub.add_parsers(msub)
+    cli_copy.add_parsers(msub)

@@ -21,6 +21,7 @@ from mesh.types import (
     ModelInfo,
     NodeState,
     RenderedPrompt,
+    Transfer,
 )
 from proto import node_pb2 as pb
 from proto import node_pb2_grpc as pb_grpc
@@ -141,12 +142,70 @@ class NodeClient:
             raise _mapped(exc) from None
         return wire.model_from_pb(resp.model), resp.load_seconds
 
-    async def unload_model(self, model: str) -> bool:
+    async def unload_model(self, model: str, *, if_idle: bool = False) -> bool:
+        """Unload `model`; `if_idle`: only if nothing for it runs (else ModelLoadError)."""
         try:
-            resp = await self._stub.UnloadModel(pb.UnloadModelRequest(model=model))
+            resp = await self._stub.UnloadModel(pb.UnloadModelRequest(model=model, if_idle=if_idle))
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc) from None
         return resp.was_loaded
+
+    async def pull_model(self, repo: str, file: str = "", revision: str = "") -> Transfer:
+        """Start a Hugging Face Hub download on the node; progress is in its state."""
+        try:
+            resp = await self._stub.PullModel(
+                pb.PullModelRequest(repo=repo, file=file, revision=revision), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return wire.transfer_from_pb(resp)
+
+    async def copy_model(
+        self, model: str, source_address: str, source_node_id: str, max_bytes_per_second: int = 0
+    ) -> Transfer:
+        """Start a copy of `model` from the node at `source_address` onto this node."""
+        request = pb.CopyModelRequest(
+            model=model,
+            source_address=source_address,
+            source_node_id=source_node_id,
+            max_bytes_per_second=max_bytes_per_second,
+        )
+        try:
+            resp = await self._stub.CopyModel(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return wire.transfer_from_pb(resp)
+
+    async def delete_model(self, model: str, *, force: bool = False) -> pb.DeleteModelResponse:
+        """Delete a model's files on the node (refused while loaded unless `force`)."""
+        try:
+            return await self._stub.DeleteModel(
+                pb.DeleteModelRequest(model=model, force=force), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+
+    async def model_manifest(self, model: str) -> pb.ModelManifestResponse:
+        """The files of `model` on the node, with sizes and SHA-256 (the copy's source side)."""
+        try:
+            return await self._stub.ModelManifest(pb.ModelManifestRequest(model=model))
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+
+    async def read_model_file(
+        self, model: str, path: str, offset: int = 0
+    ) -> AsyncGenerator[pb.FileChunk, None]:
+        """One file of `model` from `offset`, chunk by chunk; stopping cancels the call."""
+        call = self._stub.ReadModelFile(
+            pb.ReadModelFileRequest(model=model, path=path, offset=offset)
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        finally:
+            call.cancel()
 
     async def watch_state(
         self, interval_ms: int = 0, model_paths: Sequence[str] = ()

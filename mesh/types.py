@@ -205,6 +205,28 @@ class ModelInfo:
     kv_bytes_per_token: int = 0
     # Loaded: measured / estimated - 1 (0 = unknown).
     estimate_error: float = 0.0
+    # Loaded: seconds since a request for it last ran here (0 while one runs).
+    idle_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A download (`pull`) or copy (`copy`) of model files into a node."""
+
+    id: str
+    kind: str
+    model: str
+    # "hf:REPO[@REVISION][/FILE]" or "node:NODE_ID"
+    source: str
+    # running | done | failed
+    state: str = "running"
+    bytes_done: int = 0
+    # 0 = not known yet.
+    bytes_total: int = 0
+    error: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,3 +297,5 @@ class NodeState:
     cache: tuple[CachedPrefix, ...] = ()
     # Prometheus /metrics port (plain HTTP, same host as gRPC); 0 = none.
     metrics_port: int = 0
+    # Downloads and copies into the node: running and recently finished.
+    transfers: tuple[Transfer, ...] = ()

@@ -31,6 +31,7 @@ from mesh.types import (
     Tool,
     ToolCall,
     ToolCallEvent,
+    Transfer,
     Usage,
 )
 from proto import node_pb2 as pb
@@ -317,6 +318,7 @@ def model_to_pb(m: ModelInfo) -> pb.ModelInfo:
         estimated_bytes=m.estimated_bytes,
         kv_bytes_per_token=m.kv_bytes_per_token,
         estimate_error=m.estimate_error,
+        idle_seconds=m.idle_seconds,
     )
 
 
@@ -336,6 +338,7 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         estimated_bytes=m.estimated_bytes,
         kv_bytes_per_token=m.kv_bytes_per_token,
         estimate_error=m.estimate_error,
+        idle_seconds=m.idle_seconds,
     )
 
 
@@ -390,6 +393,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
             for c in s.cache
         ],
         metrics_port=s.metrics_port,
+        transfers=[transfer_to_pb(t) for t in s.transfers],
     )
 
 
@@ -427,4 +431,37 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
         draining=msg.draining,
         cache=tuple(CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache),
         metrics_port=msg.metrics_port,
+        transfers=tuple(transfer_from_pb(t) for t in msg.transfers),
+    )
+
+
+def transfer_to_pb(t: Transfer) -> pb.Transfer:
+    return pb.Transfer(
+        id=t.id,
+        kind=t.kind,
+        model=t.model,
+        source=t.source,
+        state=t.state,
+        bytes_done=t.bytes_done,
+        bytes_total=t.bytes_total,
+        error=t.error,
+        started=t.started,
+        finished=t.finished,
+        path=t.path,
+    )
+
+
+def transfer_from_pb(m: pb.Transfer) -> Transfer:
+    return Transfer(
+        id=m.id,
+        kind=m.kind,
+        model=m.model,
+        source=m.source,
+        state=m.state,
+        bytes_done=m.bytes_done,
+        bytes_total=m.bytes_total,
+        error=m.error,
+        started=m.started,
+        finished=m.finished,
+        path=m.path,
     )

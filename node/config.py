@@ -143,11 +143,32 @@ class SimModelSpec:
     decode_tps: float = 50.0
     context_length: int = 32768
     batch_alpha: float | None = None
+    # Set: a model that loads and unloads (starts unloaded), taking this many bytes
+    # resident, and `load_seconds` to load. None: always loaded, takes nothing.
+    memory_bytes: int | None = None
+    load_seconds: float = 0.2
 
     @classmethod
     def parse(cls, spec: str) -> SimModelSpec:
-        """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT[:ALPHA]]]]`, e.g. `sim-7b:1500:40` or
-        `sim-7b:1500:40:32768:0.15` (ALPHA >= 0: 1 = no batching gain)."""
+        """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT[:ALPHA]]]][,mem=GB][,load=S]`, e.g.
+        `sim-7b:1500:40` or `sim-7b:1500:40:32768:0.15,mem=4,load=0.5` (ALPHA >= 0:
+        1 = no batching gain; `mem`: starts unloaded, loads in `load` s and takes GB)."""
+        spec, *options = spec.split(",")
+        extra: dict[str, float | int] = {}
+        for option in options:
+            key, _, raw = option.partition("=")
+            if key not in ("mem", "load"):
+                raise ValueError(f"simulated model option {option!r}: expected mem=GB or load=S")
+            try:
+                number = float(raw)
+            except ValueError:
+                raise ValueError(f"simulated model option {option!r}: not a number") from None
+            if number < 0 or (key == "mem" and number == 0):
+                raise ValueError(f"simulated model option {option!r}: must be > 0")
+            if key == "mem":
+                extra["memory_bytes"] = int(number * 1e9)
+            else:
+                extra["load_seconds"] = number
         parts = spec.split(":")
         if not parts[0]:
             raise ValueError(f"simulated model spec {spec!r} has no name")
@@ -168,7 +189,7 @@ class SimModelSpec:
             kwargs["context_length"] = int(nums[2])
         if len(nums) > 3:
             kwargs["batch_alpha"] = nums[3]
-        return cls(parts[0], **kwargs)  # type: ignore[arg-type]
+        return cls(parts[0], **kwargs, **extra)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

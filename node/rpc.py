@@ -92,7 +92,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.UnloadModelResponse:
         try:
-            was = await self.core.unload(request.model)
+            was = await self.core.unload(request.model, if_idle=request.if_idle)
         except MeshError as err:
             await _abort(context, err)
             raise AssertionError("unreachable") from None
@@ -114,3 +114,65 @@ class NodeServicer(pb_grpc.NodeServicer):
                     await asyncio.wait_for(changed.wait(), interval)
         finally:
             self.core.withdraw_model_paths(token)
+
+    # ---------- model files (node.models.pull / node.models.copy) ----------
+
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.Transfer:
+        try:
+            transfer = await self.core.pull(request.repo, request.file, request.revision)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return wire.transfer_to_pb(transfer)
+
+    async def CopyModel(
+        self, request: pb.CopyModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.Transfer:
+        try:
+            transfer = await self.core.copy(
+                request.model,
+                request.source_address,
+                request.source_node_id,
+                request.max_bytes_per_second,
+            )
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return wire.transfer_to_pb(transfer)
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.DeleteModelResponse:
+        try:
+            return await self.core.delete(request.model, force=request.force)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+
+    async def ModelManifest(
+        self, request: pb.ModelManifestRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelManifestResponse:
+        try:
+            return await self.core.manifest(request.model)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+
+    async def ReadModelFile(
+        self, request: pb.ReadModelFileRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.FileChunk]:
+        try:
+            stream = self.core.read_file(request.model, request.path, request.offset)
+            first = await anext(stream, None)
+        except MeshError as err:
+            await _abort(context, err)
+            return
+        try:
+            if first is not None:
+                yield first
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            await stream.aclose()

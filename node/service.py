@@ -10,13 +10,14 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import psutil
 from prometheus_client import CollectorRegistry
 
-from mesh.errors import ModelLoadError, ModelNotFound, Unavailable
+from mesh.errors import ModelLoadError, ModelNotFound, Overloaded, Unavailable
 from mesh.types import (
     ChatPrompt,
     ErrorEvent,
@@ -29,6 +30,7 @@ from mesh.types import (
     NodeState,
     RenderedPrompt,
     Started,
+    Transfer,
 )
 from mesh.version import __version__
 from node.backends.base import Backend, BackendContext
@@ -37,10 +39,15 @@ from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
 from node.models.named import NamedPaths
+from node.models.transfers import Transfers
+from proto import node_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 B = TypeVar("B")
+
+# How long an unload waits for the model's requests in flight before it unloads anyway.
+UNLOAD_GRACE = 120.0
 
 
 def load_or_create_node_id(home: Path) -> str:
@@ -94,6 +101,13 @@ class NodeCore:
         self.draining = False
         self._sequence = 0
         self._changed = asyncio.Event()
+        # Downloads and copies into this node (node.models.pull / node.models.copy).
+        self.transfers = Transfers(self.notify)
+        # Per model: requests in flight here, and when one last ran (monotonic), for
+        # idle TTLs and LRU eviction; models being unloaded refuse new requests.
+        self._active: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        self._unloading: set[str] = set()
         context = BackendContext(config, self.catalog, self.notify)
         # In lookup order (node.backends.registry); each backend's `name` is the
         # catalog's `backend` value for the models it serves.
@@ -118,6 +132,7 @@ class NodeCore:
         After this the first state a coordinator sees lists every model on disk.
         """
         loop = asyncio.get_running_loop()
+        self.transfers.attach(loop)
         await asyncio.to_thread(self.catalog.scan)
 
         def changed() -> None:  # on the watcher thread
@@ -183,6 +198,7 @@ class NodeCore:
             draining=self.draining,
             cache=tuple(c for b in self.backends for c in b.cache_state()),
             metrics_port=self.metrics_port,
+            transfers=self.transfers.snapshot(),
         )
 
     # ---------- models ----------
@@ -192,6 +208,7 @@ class NodeCore:
         loaded: dict[str, ModelInfo] = {}
         for b in reversed(self.backends):  # earlier backends win a shared name
             loaded.update(b.loaded())
+        seen = set(loaded) | set(self.catalog.entries())
         out: list[ModelInfo] = []
         for mid, entry in sorted(self.catalog.entries().items()):
             info = loaded.pop(mid, None)
@@ -211,15 +228,51 @@ class NodeCore:
                 )
             )
         out.extend(loaded.values())  # loaded from outside the catalog (built in, by path)
-        return out
+        for b in self.backends:  # served outside the catalog, not loaded now
+            out.extend(i for mid, i in sorted(b.available().items()) if mid not in seen)
+        return [self._with_idle(i) if i.loaded else i for i in out]
+
+    def _with_idle(self, info: ModelInfo) -> ModelInfo:
+        if self._active.get(info.id):
+            return info
+        last = self._last_used.setdefault(info.id, time.monotonic())
+        return replace(info, idle_seconds=round(time.monotonic() - last, 3))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """What each loaded model takes, by the memory model (measured where smaller)."""
+        return {
+            i.id: i.estimated_bytes or i.memory_bytes or i.size_bytes for i in self.loaded_models()
+        }
+
+    def _check_room(self, backend: Backend, model_id: str) -> None:
+        """Refuse a load past `--memory-budget` (Overloaded: a coordinator tries elsewhere)."""
+        budget = self.config.memory_budget
+        if not budget or model_id in backend.loaded():
+            return
+        info = next((m for m in self.list_models() if m.id == model_id), None)
+        need = (info.estimated_bytes or info.size_bytes) if info is not None else 0
+        resident = self.resident_bytes()
+        used = sum(resident.values())
+        if need and used + need > budget:
+            held = ", ".join(f"{m} {b / 1e9:.2f} GB" for m, b in sorted(resident.items()))
+            raise Overloaded(
+                f"model {model_id!r} needs about {need / 1e9:.2f} GB, but this node's memory "
+                f"budget is {budget / 1e9:.2f} GB with {used / 1e9:.2f} GB in use"
+                + (f" ({held})" if held else "")
+            )
 
     async def _backend(self, model_id: str) -> Backend:
-        """The backend for `model_id`; a model the last scan missed gets one rescan."""
+        """The backend for `model_id`; a model the last scan missed gets one rescan.
+
+        A model not loaded must fit the memory budget (it loads on first use).
+        """
         try:
-            return self._backend_for(model_id)
+            backend = self._backend_for(model_id)
         except ModelNotFound:
             await self.catalog.refresh()
-            return self._backend_for(model_id)
+            backend = self._backend_for(model_id)
+        self._check_room(backend, model_id)
+        return backend
 
     def _backend_for(self, model_id: str) -> Backend:
         # Loaded and built-in models skip the catalog: no lookup on the request path.
@@ -238,16 +291,63 @@ class NodeCore:
         info, seconds = await backend.load(model_id)
         if not was_loaded:
             self.load_seconds[info.id] = seconds
+            self._last_used[info.id] = time.monotonic()
         self.notify()
         return info, seconds
 
-    async def unload(self, model_id: str) -> bool:
-        backend = await self._backend(model_id)
-        was = await backend.unload(model_id)
+    async def unload(self, model_id: str, *, if_idle: bool = False) -> bool:
+        """Unload `model_id`.
+
+        `if_idle`: refuse (ModelLoadError) while a request for it runs or waits here,
+        as evictions and idle TTLs need. Otherwise new requests for it are refused
+        (Unavailable: coordinators retry on another node) while those in flight
+        finish, for up to UNLOAD_GRACE seconds; then it unloads.
+        """
+        backend = self._backend_for(model_id)
+        busy = self._active.get(model_id, 0)
+        if if_idle and busy:
+            raise ModelLoadError(
+                f"model {model_id!r} has {busy} request(s) in flight here; not unloaded"
+            )
+        self._unloading.add(model_id)
+        self.notify()
+        try:
+            deadline = time.monotonic() + UNLOAD_GRACE
+            while self._active.get(model_id, 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            was = await backend.unload(model_id)
+        finally:
+            self._unloading.discard(model_id)
         if was:
             self.load_seconds.pop(model_id, None)
+            self._last_used.pop(model_id, None)
+            log.info("unloaded %s", model_id)
         self.notify()
         return was
+
+    # ---------- model files ----------
+
+    async def pull(self, repo: str, file: str, revision: str) -> Transfer:
+        """Start downloading a Hub repo (or one file) into the HF cache (node.models.pull)."""
+        raise NotImplementedError  # TODO(pull helper)
+
+    async def copy(
+        self, model: str, source_address: str, source_node_id: str, max_bytes_per_second: int
+    ) -> Transfer:
+        """Start copying `model` from another node onto this one (node.models.copy)."""
+        raise NotImplementedError  # TODO(copy helper)
+
+    async def delete(self, model: str, *, force: bool) -> pb.DeleteModelResponse:
+        """Delete a model's files (refused while loaded unless `force`)."""
+        raise NotImplementedError  # TODO(copy helper)
+
+    async def manifest(self, model: str) -> pb.ModelManifestResponse:
+        """The model's files with sizes and SHA-256 (a copy's source side)."""
+        raise NotImplementedError  # TODO(copy helper)
+
+    def read_file(self, model: str, path: str, offset: int) -> AsyncGenerator[pb.FileChunk, None]:
+        """One file of a model from `offset`, in checksummed chunks (a copy's source side)."""
+        raise NotImplementedError  # TODO(copy helper)
 
     async def render(self, model_id: str, chat: ChatPrompt, include_text: bool) -> RenderedPrompt:
         backend = await self._backend(model_id)
@@ -262,7 +362,16 @@ class NodeCore:
         arrived = time.perf_counter()
         if self.draining:
             raise Unavailable("the node is shutting down")
-        backend = await self._backend(request.model)
+        model = request.model
+        if model in self._unloading:
+            raise Unavailable(f"model {model!r} is being unloaded on this node")
+        self._active[model] = self._active.get(model, 0) + 1
+        self._last_used[model] = time.monotonic()
+        try:
+            backend = await self._backend(model)
+        except BaseException:
+            self._release(model)
+            raise
         stream = backend.generate(request)
         rec: RequestMetrics | None = None
         try:
@@ -278,9 +387,16 @@ class NodeCore:
                 yield event
         finally:
             await stream.aclose()
+            self._release(model)
             # After the last event went out: observing costs the caller nothing.
             if rec is not None:
                 rec.close()
+
+    def _release(self, model: str) -> None:
+        self._active[model] -= 1
+        if not self._active[model]:
+            del self._active[model]
+        self._last_used[model] = time.monotonic()
 
     def _accepted(self, started: Started, arrived: float) -> RequestMetrics:
         """A request the backend took: its metrics, bound to the model's real id."""

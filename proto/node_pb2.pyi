@@ -640,6 +640,7 @@ class ModelInfo(_message.Message):
     ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     ESTIMATE_ERROR_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     backend: _builtins.str
     """mlx | gguf"""
@@ -665,6 +666,10 @@ class ModelInfo(_message.Message):
     """Loaded models: what the load measured over what was estimated for it, less 1
     (MLX: the weights; GGUF: llama-server's memory against weights + its KV).
     """
+    idle_seconds: _builtins.float
+    """Loaded models: seconds since a request for it last ran here (0 while one
+    runs or waits); what idle TTLs and LRU eviction go by.
+    """
     def __init__(
         self,
         *,
@@ -682,10 +687,11 @@ class ModelInfo(_message.Message):
         estimated_bytes: _builtins.int = ...,
         kv_bytes_per_token: _builtins.int = ...,
         estimate_error: _builtins.float = ...,
+        idle_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "estimate_error", b"estimate_error", "estimated_bytes", b"estimated_bytes", "id", b"id", "kv_bytes_per_token", b"kv_bytes_per_token", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "estimate_error", b"estimate_error", "estimated_bytes", b"estimated_bytes", "id", b"id", "idle_seconds", b"idle_seconds", "kv_bytes_per_token", b"kv_bytes_per_token", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -773,15 +779,23 @@ class UnloadModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    IF_IDLE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    if_idle: _builtins.bool
+    """Only if no request for it is running or waiting (else FAILED_PRECONDITION):
+    what evictions and idle TTLs use. Without it, the unload refuses new
+    requests for the model (UNAVAILABLE, so coordinators retry elsewhere) and
+    waits for those in flight.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        if_idle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["if_idle", b"if_idle", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -805,6 +819,316 @@ class UnloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class Transfer(_message.Message):
+    """---------- model files ----------
+
+    A download or copy into this node (one of NodeState.transfers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: _builtins.str
+    """pull | copy"""
+    model: _builtins.str
+    """The model id it will be served as (when known)."""
+    source: _builtins.str
+    """"hf:REPO[@REVISION][/FILE]" or "node:NODE_ID" """
+    state: _builtins.str
+    """running | done | failed"""
+    bytes_done: _builtins.int
+    bytes_total: _builtins.int
+    """0 = not known yet."""
+    error: _builtins.str
+    started: _builtins.float
+    """Unix times."""
+    finished: _builtins.float
+    path: _builtins.str
+    """Where the model lands (or landed) on this node."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        model: _builtins.str = ...,
+        source: _builtins.str = ...,
+        state: _builtins.str = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        error: _builtins.str = ...,
+        started: _builtins.float = ...,
+        finished: _builtins.float = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "error", b"error", "finished", b"finished", "id", b"id", "kind", b"kind", "model", b"model", "path", b"path", "source", b"source", "started", b"started", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transfer: _TypeAlias = Transfer  # noqa: Y015
+
+@_typing.final
+class PullModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPO_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    repo: _builtins.str
+    """Hugging Face repo id, e.g. "mlx-community/SmolLM2-135M-Instruct-4bit"."""
+    file: _builtins.str
+    """One file of the repo (a GGUF); empty = the whole repo."""
+    revision: _builtins.str
+    """Branch, tag or commit; empty = main."""
+    def __init__(
+        self,
+        *,
+        repo: _builtins.str = ...,
+        file: _builtins.str = ...,
+        revision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "repo", b"repo", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullModelRequest: _TypeAlias = PullModelRequest  # noqa: Y015
+
+@_typing.final
+class CopyModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SOURCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    SOURCE_NODE_ID_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model id on the source node."""
+    source_address: _builtins.str
+    """The source node's gRPC address (host:port) and id."""
+    source_node_id: _builtins.str
+    max_bytes_per_second: _builtins.int
+    """Bandwidth cap in bytes per second; 0 = none."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        source_address: _builtins.str = ...,
+        source_node_id: _builtins.str = ...,
+        max_bytes_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes_per_second", b"max_bytes_per_second", "model", b"model", "source_address", b"source_address", "source_node_id", b"source_node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CopyModelRequest: _TypeAlias = CopyModelRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    force: _builtins.bool
+    """Unload it first if it is loaded."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelRequest: _TypeAlias = DeleteModelRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    BYTES_FREED_FIELD_NUMBER: _builtins.int
+    WAS_LOADED_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    bytes_freed: _builtins.int
+    was_loaded: _builtins.bool
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        bytes_freed: _builtins.int = ...,
+        was_loaded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_freed", b"bytes_freed", "path", b"path", "was_loaded", b"was_loaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
+
+@_typing.final
+class ModelManifestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelManifestRequest: _TypeAlias = ModelManifestRequest  # noqa: Y015
+
+@_typing.final
+class ModelFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative to the model's root (a dir's files; the file name for a GGUF)."""
+    size: _builtins.int
+    sha256: _builtins.str
+    """Hex SHA-256 of the whole file."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFile: _TypeAlias = ModelFile  # noqa: Y015
+
+@_typing.final
+class ModelManifestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    REPO_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    backend: _builtins.str
+    """mlx | gguf"""
+    source: _builtins.str
+    """models-dir | hf-cache | gguf-dir | config"""
+    layout: _builtins.str
+    """dir | file"""
+    repo: _builtins.str
+    """hf-cache models: the repo id and snapshot revision (the copy keeps the layout,
+    so the model keeps its id on the destination).
+    """
+    revision: _builtins.str
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFile]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        source: _builtins.str = ...,
+        layout: _builtins.str = ...,
+        files: _abc.Iterable[Global___ModelFile] | None = ...,
+        repo: _builtins.str = ...,
+        revision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "files", b"files", "layout", b"layout", "model", b"model", "repo", b"repo", "revision", b"revision", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelManifestResponse: _TypeAlias = ModelManifestResponse  # noqa: Y015
+
+@_typing.final
+class ReadModelFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    path: _builtins.str
+    """A path from the manifest."""
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadModelFileRequest: _TypeAlias = ReadModelFileRequest  # noqa: Y015
+
+@_typing.final
+class FileChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    crc32: _builtins.int
+    """CRC-32 of `data`, checked by the receiver."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        crc32: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
 
 @_typing.final
 class WatchStateRequest(_message.Message):
@@ -971,6 +1295,7 @@ class NodeState(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
     METRICS_PORT_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     version: _builtins.str
     sequence: _builtins.int
@@ -994,6 +1319,10 @@ class NodeState(_message.Message):
         hash that is gone).
         """
 
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """Downloads and copies into this node: running ones and recent finished ones."""
+
     def __init__(
         self,
         *,
@@ -1009,10 +1338,11 @@ class NodeState(_message.Message):
         draining: _builtins.bool = ...,
         cache: _abc.Iterable[Global___CachedPrefix] | None = ...,
         metrics_port: _builtins.int = ...,
+        transfers: _abc.Iterable[Global___Transfer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "metrics_port", b"metrics_port", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "metrics_port", b"metrics_port", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "transfers", b"transfers", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

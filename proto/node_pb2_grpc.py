@@ -69,6 +69,31 @@ class NodeStub:
                 request_serializer=proto_dot_node__pb2.WatchStateRequest.SerializeToString,
                 response_deserializer=proto_dot_node__pb2.NodeState.FromString,
                 _registered_method=True)
+        self.PullModel = channel.unary_unary(
+                '/macmesh.v1.Node/PullModel',
+                request_serializer=proto_dot_node__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.Transfer.FromString,
+                _registered_method=True)
+        self.CopyModel = channel.unary_unary(
+                '/macmesh.v1.Node/CopyModel',
+                request_serializer=proto_dot_node__pb2.CopyModelRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.Transfer.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/macmesh.v1.Node/DeleteModel',
+                request_serializer=proto_dot_node__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.ModelManifest = channel.unary_unary(
+                '/macmesh.v1.Node/ModelManifest',
+                request_serializer=proto_dot_node__pb2.ModelManifestRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.ModelManifestResponse.FromString,
+                _registered_method=True)
+        self.ReadModelFile = channel.unary_stream(
+                '/macmesh.v1.Node/ReadModelFile',
+                request_serializer=proto_dot_node__pb2.ReadModelFileRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -123,6 +148,45 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullModel(self, request, context):
+        """----- model files (docs/models.md) -----
+        Starts downloading a Hugging Face Hub repo (or one file of it) into this
+        node's HF cache; returns at once. Progress shows in NodeState.transfers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyModel(self, request, context):
+        """Starts copying a model from another node (the source) to this one; returns
+        at once. Progress shows in NodeState.transfers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes a model's files from this node (FAILED_PRECONDITION while loaded,
+        unless `force`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelManifest(self, request, context):
+        """Source side of a copy: the model's files with their sizes and SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadModelFile(self, request, context):
+        """Source side of a copy: one file's bytes from an offset, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +224,31 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.WatchState,
                     request_deserializer=proto_dot_node__pb2.WatchStateRequest.FromString,
                     response_serializer=proto_dot_node__pb2.NodeState.SerializeToString,
+            ),
+            'PullModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=proto_dot_node__pb2.PullModelRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.Transfer.SerializeToString,
+            ),
+            'CopyModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyModel,
+                    request_deserializer=proto_dot_node__pb2.CopyModelRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.Transfer.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=proto_dot_node__pb2.DeleteModelRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'ModelManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelManifest,
+                    request_deserializer=proto_dot_node__pb2.ModelManifestRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.ModelManifestResponse.SerializeToString,
+            ),
+            'ReadModelFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadModelFile,
+                    request_deserializer=proto_dot_node__pb2.ReadModelFileRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +440,141 @@ class Node:
             '/macmesh.v1.Node/WatchState',
             proto_dot_node__pb2.WatchStateRequest.SerializeToString,
             proto_dot_node__pb2.NodeState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/PullModel',
+            proto_dot_node__pb2.PullModelRequest.SerializeToString,
+            proto_dot_node__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/CopyModel',
+            proto_dot_node__pb2.CopyModelRequest.SerializeToString,
+            proto_dot_node__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/DeleteModel',
+            proto_dot_node__pb2.DeleteModelRequest.SerializeToString,
+            proto_dot_node__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/ModelManifest',
+            proto_dot_node__pb2.ModelManifestRequest.SerializeToString,
+            proto_dot_node__pb2.ModelManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadModelFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/macmesh.v1.Node/ReadModelFile',
+            proto_dot_node__pb2.ReadModelFileRequest.SerializeToString,
+            proto_dot_node__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,

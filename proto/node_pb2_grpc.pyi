@@ -52,6 +52,23 @@ class NodeStub:
     """Streams the node's state: one snapshot at once, then one whenever it
     changes (and at least every `interval_ms` as a heartbeat).
     """
+    PullModel: _grpc.UnaryUnaryMultiCallable[_node_pb2.PullModelRequest, _node_pb2.Transfer]
+    """----- model files (docs/models.md) -----
+    Starts downloading a Hugging Face Hub repo (or one file of it) into this
+    node's HF cache; returns at once. Progress shows in NodeState.transfers.
+    """
+    CopyModel: _grpc.UnaryUnaryMultiCallable[_node_pb2.CopyModelRequest, _node_pb2.Transfer]
+    """Starts copying a model from another node (the source) to this one; returns
+    at once. Progress shows in NodeState.transfers.
+    """
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_node_pb2.DeleteModelRequest, _node_pb2.DeleteModelResponse]
+    """Deletes a model's files from this node (FAILED_PRECONDITION while loaded,
+    unless `force`).
+    """
+    ModelManifest: _grpc.UnaryUnaryMultiCallable[_node_pb2.ModelManifestRequest, _node_pb2.ModelManifestResponse]
+    """Source side of a copy: the model's files with their sizes and SHA-256."""
+    ReadModelFile: _grpc.UnaryStreamMultiCallable[_node_pb2.ReadModelFileRequest, _node_pb2.FileChunk]
+    """Source side of a copy: one file's bytes from an offset, in chunks."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -72,6 +89,23 @@ class NodeAsyncStub(NodeStub):
     """Streams the node's state: one snapshot at once, then one whenever it
     changes (and at least every `interval_ms` as a heartbeat).
     """
+    PullModel: _aio.UnaryUnaryMultiCallable[_node_pb2.PullModelRequest, _node_pb2.Transfer]  # type: ignore[assignment]
+    """----- model files (docs/models.md) -----
+    Starts downloading a Hugging Face Hub repo (or one file of it) into this
+    node's HF cache; returns at once. Progress shows in NodeState.transfers.
+    """
+    CopyModel: _aio.UnaryUnaryMultiCallable[_node_pb2.CopyModelRequest, _node_pb2.Transfer]  # type: ignore[assignment]
+    """Starts copying a model from another node (the source) to this one; returns
+    at once. Progress shows in NodeState.transfers.
+    """
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_node_pb2.DeleteModelRequest, _node_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """Deletes a model's files from this node (FAILED_PRECONDITION while loaded,
+    unless `force`).
+    """
+    ModelManifest: _aio.UnaryUnaryMultiCallable[_node_pb2.ModelManifestRequest, _node_pb2.ModelManifestResponse]  # type: ignore[assignment]
+    """Source side of a copy: the model's files with their sizes and SHA-256."""
+    ReadModelFile: _aio.UnaryStreamMultiCallable[_node_pb2.ReadModelFileRequest, _node_pb2.FileChunk]  # type: ignore[assignment]
+    """Source side of a copy: one file's bytes from an offset, in chunks."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -131,5 +165,52 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         """Streams the node's state: one snapshot at once, then one whenever it
         changes (and at least every `interval_ms` as a heartbeat).
         """
+
+    @_abc_1.abstractmethod
+    def PullModel(
+        self,
+        request: _node_pb2.PullModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.Transfer, _abc.Awaitable[_node_pb2.Transfer]]:
+        """----- model files (docs/models.md) -----
+        Starts downloading a Hugging Face Hub repo (or one file of it) into this
+        node's HF cache; returns at once. Progress shows in NodeState.transfers.
+        """
+
+    @_abc_1.abstractmethod
+    def CopyModel(
+        self,
+        request: _node_pb2.CopyModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.Transfer, _abc.Awaitable[_node_pb2.Transfer]]:
+        """Starts copying a model from another node (the source) to this one; returns
+        at once. Progress shows in NodeState.transfers.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _node_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DeleteModelResponse, _abc.Awaitable[_node_pb2.DeleteModelResponse]]:
+        """Deletes a model's files from this node (FAILED_PRECONDITION while loaded,
+        unless `force`).
+        """
+
+    @_abc_1.abstractmethod
+    def ModelManifest(
+        self,
+        request: _node_pb2.ModelManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ModelManifestResponse, _abc.Awaitable[_node_pb2.ModelManifestResponse]]:
+        """Source side of a copy: the model's files with their sizes and SHA-256."""
+
+    @_abc_1.abstractmethod
+    def ReadModelFile(
+        self,
+        request: _node_pb2.ReadModelFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.FileChunk], _abc.AsyncIterator[_node_pb2.FileChunk]]:
+        """Source side of a copy: one file's bytes from an offset, in chunks."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -44,6 +44,10 @@ class Backend(Protocol):
         """Models loaded now, by id."""
         ...
 
+    def available(self) -> dict[str, ModelInfo]:
+        """Models it serves from outside the catalog that are not loaded now, by id."""
+        ...
+
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:
         """Load (or find loaded) a model; returns its info and load seconds."""
         ...

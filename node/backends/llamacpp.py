@@ -196,6 +196,9 @@ class LlamaCppBackend:
 
     # ---------- Backend protocol: models ----------
 
+    def available(self) -> dict[str, ModelInfo]:
+        return {}  # everything it serves unloaded is in the catalog
+
     def loaded(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {}
         for (mid, _), served in self._served.items():

@@ -181,6 +181,9 @@ class MLXBackend:
     def model_dirs(self) -> tuple[Path, ...]:
         return ()  # MLX models are found in the models dir and the HF cache
 
+    def available(self) -> dict[str, ModelInfo]:
+        return {}  # everything it serves unloaded is in the catalog
+
     def loaded(self) -> dict[str, ModelInfo]:
         return {mid: m.info() for mid, m in self._models.items()}
 

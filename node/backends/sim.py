@@ -144,8 +144,13 @@ class SimBackend:
         # Only the aggregate decode meter is used: the other rates are the spec's.
         self._stats = {name: ModelStats() for name in self.specs}
         self.tokens_generated = 0
+        # Loads of sized models so far (tests check that a burst loads once).
+        self.loads = 0
         self._closing = False
         self._prefill_lock = {name: asyncio.Lock() for name in self.specs}
+        # Models with a declared size load and unload; the others are always loaded.
+        self._loaded = {s.name for s in specs if s.memory_bytes is None}
+        self._load_lock = {name: asyncio.Lock() for name in self.specs}
         # Runs on the event loop here (the MLX backend drives it from its engine thread).
         self.caches = PromptCaches(cache_config or CacheConfig(), on_change=on_change)
 
@@ -156,14 +161,19 @@ class SimBackend:
         return spec
 
     def info(self, spec: SimModelSpec) -> ModelInfo:
+        size = spec.memory_bytes or 0
+        loaded = spec.name in self._loaded
         return ModelInfo(
             id=spec.name,
             backend="sim",
             source="simulated",
             path="",
-            loaded=True,
+            loaded=loaded,
             context_length=spec.context_length,
             quantization=f"simulated {spec.prefill_tps:g}/{spec.decode_tps:g} tok/s",
+            size_bytes=size,
+            estimated_bytes=size,
+            memory_bytes=size if loaded else 0,
         )
 
     def claims(self, model_id: str) -> bool:
@@ -173,19 +183,36 @@ class SimBackend:
         return ()
 
     def loaded(self) -> dict[str, ModelInfo]:
-        return {name: self.info(s) for name, s in self.specs.items()}
+        return {n: self.info(s) for n, s in self.specs.items() if n in self._loaded}
+
+    def available(self) -> dict[str, ModelInfo]:
+        return {n: self.info(s) for n, s in self.specs.items() if n not in self._loaded}
 
     async def load(self, model_id: str) -> tuple[ModelInfo, float]:
-        return self.info(self._spec(model_id)), 0.0
+        spec = self._spec(model_id)
+        async with self._load_lock[model_id]:  # single-flight: a burst loads once
+            if model_id in self._loaded:
+                return self.info(spec), 0.0
+            t0 = time.perf_counter()
+            await asyncio.sleep(spec.load_seconds)
+            self.loads += 1
+            self._loaded.add(model_id)
+        self._on_change()
+        return self.info(spec), time.perf_counter() - t0
 
     async def unload(self, model_id: str) -> bool:
-        self._spec(model_id)
-        return False  # simulated models cannot be unloaded
+        spec = self._spec(model_id)
+        if spec.memory_bytes is None or model_id not in self._loaded:
+            return False  # built-in simulated models stay loaded
+        self._loaded.discard(model_id)
+        self._on_change()
+        return True
 
     async def render(
         self, model_id: str, chat: ChatPrompt, include_text: bool = False
     ) -> RenderedPrompt:
         spec = self._spec(model_id)
+        await self.load(model_id)  # like MLX: rendering needs the (loaded) tokenizer
         text = sim_render(chat)
         return RenderedPrompt(
             tuple(sim_tokenize(text)), spec.context_length, text if include_text else ""
@@ -205,6 +232,7 @@ class SimBackend:
         if self._closing:
             raise Unavailable("the node is shutting down")
         spec = self._spec(request.model)
+        await self.load(spec.name)  # on first use, like a real engine
         sampling = resolve_sampling(request.sampling, self.defaults)
         prompt = request.prompt
         if isinstance(prompt, ChatPrompt):
@@ -301,6 +329,7 @@ class SimBackend:
                 aggregate_decode_tokens_per_second=self._stats[name].aggregate_decode_tps,
             )
             for name, s in self.specs.items()
+            if name in self._loaded
         ]
 
     @property

@@ -1,0 +1,7 @@
+"""TODO(model_files): filled in by the issue-17 work."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/api", tags=["admin"])
