@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from coordinator.api import admin, anthropic, hub, model_files, openai, prometheus
+from coordinator.api import admin, anthropic, hub, lifecycle, model_files, openai, prometheus
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -115,6 +115,8 @@ def create_app(
         await peers.sync()
         peers_task = asyncio.create_task(peers.run(), name="static peers")
         paths_task = asyncio.create_task(follow_model_paths(), name="model paths")
+        # Idle TTLs (model_settings.json, alias/tier `ttl`): unloads models idle past theirs.
+        reaper = asyncio.create_task(service.placer.run(), name="idle ttl")
         browser = _browser(config, registry) if config.discovery else None
         if browser is not None:
             try:
@@ -128,7 +130,7 @@ def create_app(
         finally:
             if browser is not None:
                 await browser.close()
-            for task in (peers_task, paths_task):
+            for task in (peers_task, paths_task, reaper):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -167,6 +169,7 @@ def create_app(
     app.include_router(anthropic.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(lifecycle.router)
     app.include_router(hub.router)
     app.include_router(model_files.router)
     app.include_router(prometheus.router)

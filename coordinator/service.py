@@ -22,6 +22,7 @@ from coordinator.metrics import (
     status_of,
 )
 from coordinator.nodes import NodeRegistry, NodeView
+from coordinator.placement import Placer
 from coordinator.settings import SettingsStore
 from mesh import errors
 from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
@@ -83,6 +84,8 @@ class Prepared:
     decision: Decision | None = None
     # time.perf_counter() when preparing began: latencies count from here.
     received: float = 0.0
+    # A cold model: where placement loaded it and why (coordinator.placement).
+    placement: str = ""
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,11 +98,14 @@ class Prepared:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers that say where and why a request went."""
-        return {
+        headers = {
             "x-macmesh-node": self.node.node_id,
             "x-macmesh-model": self.resolution.model,
             "x-macmesh-route-reason": self.route_reason,
         }
+        if self.placement:
+            headers["x-macmesh-placement"] = self.placement
+        return headers
 
 
 def _config_key(res: Resolution) -> str:
@@ -135,6 +141,7 @@ class ChatService:
             CoordinatorMetrics(CollectorRegistry(), registry) if metrics is None else metrics
         )
         self._round_robin = RoundRobin()
+        self.placer = Placer(registry, settings)
         # Recent renders by (model, chat): a conversation's count_tokens and its
         # request, or a client's retry, are tokenized once.
         self._renders: OrderedDict[tuple[str, str], RenderedPrompt] = OrderedDict()
@@ -280,9 +287,12 @@ class ChatService:
         received = time.perf_counter()
         res = self.resolve(name)
         views = self.candidates(res)
-        # Rendering loads the model on the renderer; the request still caused that load.
         cold = not any((info := v.model(res.model)) is not None and info.loaded for v in views)
-        renderer = self._another(res, set())
+        placed = ""
+        if cold:  # load it where it fits first (the node's report may lag: only there)
+            loaded = await self.placer.ensure_loaded(res, views)
+            views, placed = [loaded.node], f"{loaded.node.node_id}: {loaded.why}"
+        renderer = views[0] if cold else self._another(res, set())
         assert renderer is not None
         inference = self.settings.inference()
         if isinstance(prompt, ChatPrompt):
@@ -311,7 +321,9 @@ class ChatService:
             decision = replace(decision, reason=Reason.NOT_LOADED.value)
         if commit:  # a real request, not a count
             self.metrics.route(decision.reason)
-        return Prepared(res, node, decision.reason, ids, context, tools, chat, decision, received)
+        return Prepared(
+            res, node, decision.reason, ids, context, tools, chat, decision, received, placed
+        )
 
     def rejected(self, api: str, name: str | None, err: MeshError) -> None:
         """Count a request refused before generating (bad body, unknown model, no node)."""
@@ -511,13 +523,14 @@ class ChatService:
             res = prepared.resolution
             self.metrics.request(api, res, status)
             log.info(
-                "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs",
+                "%s %r -> %s (%s) on %s [%s%s]: %d prompt tokens, max %s; %s in %.2fs",
                 request_id,
                 res.requested,
                 res.model,
                 res.rule,
                 ",".join(sorted(tried)),
                 prepared.route_reason,
+                f"; placed {prepared.placement}" if prepared.placement else "",
                 prepared.prompt_tokens,
                 sampling.max_tokens,
                 outcome,

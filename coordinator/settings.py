@@ -2,6 +2,7 @@
 
 - `model_aliases.json`    alias -> model (see routing.aliases)
 - `claude_routing.json`   Claude tiers -> models
+- `model_settings.json`   idle TTLs and pins per model (routing.placement)
 - `inference_settings.json`  default sampling: temperature, top_p, top_k, min_p,
   max_tokens, repetition_penalty, and enable_thinking (true/false/null); plus
   max_output_tokens, a hard cap on every request's output, and prompt_hygiene
@@ -34,14 +35,17 @@ from routing.aliases import (
     ClaudeRouting,
     RoutingConfig,
     Target,
+    lifetime_entries,
     named_paths,
     parse_aliases,
     parse_claude_routing,
 )
+from routing.placement import Lifetime, ModelSettings, lifetime, parse_model_settings
 
 log = logging.getLogger(__name__)
 
 INFERENCE_FILE = "inference_settings.json"
+MODEL_SETTINGS_FILE = "model_settings.json"
 _CHECK_SECONDS = 1.0
 
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty")
@@ -145,7 +149,7 @@ class _ConfigFile:
 
 
 class SettingsStore:
-    """Owns the three files; thread-safe, cheap to call per request."""
+    """Owns the four files; thread-safe, cheap to call per request."""
 
     def __init__(self, home: Path, *, default_model: str | None = None) -> None:
         self.home = home
@@ -154,6 +158,7 @@ class SettingsStore:
             "aliases": _ConfigFile(home / ALIASES_FILE, parse_aliases, {}),
             "routing": _ConfigFile(home / ROUTING_FILE, parse_claude_routing, {}),
             "inference": _ConfigFile(home / INFERENCE_FILE, parse_inference_settings, {}),
+            "models": _ConfigFile(home / MODEL_SETTINGS_FILE, parse_model_settings, {}),
         }
         self._lock = threading.Lock()
         self._checked = float("-inf")
@@ -178,6 +183,12 @@ class SettingsStore:
     def model_paths(self) -> tuple[str, ...]:
         """Models and drafts the config files name by path (nodes serve those they have)."""
         return named_paths(self.routing())
+
+    def lifetime(self, model: str) -> Lifetime:
+        """How long `model` stays loaded when idle (model_settings.json, alias and tier entries)."""
+        self._refresh()
+        settings: ModelSettings = self._files["models"].value
+        return lifetime(model, settings, lifetime_entries(self.routing()))
 
     def inference(self) -> InferenceSettings:
         self._refresh()

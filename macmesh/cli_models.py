@@ -105,10 +105,114 @@ def cmd_models_prepare_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:,.0f} MB" if n else "-"
+
+
+def render_mesh_table(models: list[dict[str, Any]]) -> str:
+    """Model x node: loaded (*) or on disk, size, estimated memory, idle, TTL and pin."""
+    rows = [("MODEL", "NODE", "STATE", "ON DISK", "EST. MEMORY", "IDLE", "TTL", "PIN")]
+    for m in models:
+        ttl = f"{m['ttl']:g}s" if m.get("ttl") else "-"
+        for i, n in enumerate(m["nodes"]):
+            idle = n.get("idle_seconds")
+            rows.append(
+                (
+                    m["id"] if i == 0 else "",
+                    n["id"],
+                    "loaded" if n["loaded"] else "on disk",
+                    _mb(m.get("size_bytes")),
+                    _mb(m.get("estimated_bytes")),
+                    f"{idle:.0f}s" if idle is not None else "-",
+                    ttl,
+                    "yes" if m.get("pin") else "-",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def cmd_models_table(args: argparse.Namespace) -> int:
+    """`macmesh models`: the mesh-wide table from a coordinator."""
+    from macmesh.admin_client import AdminClient, AdminError
+
+    try:
+        data = AdminClient.from_args(args).get("/api/models")
+    except AdminError as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data["models"], indent=2))
+    elif not data["models"]:
+        print("no models on any online node")
+    else:
+        print(render_mesh_table(data["models"]))
+    return 0
+
+
+def cmd_models_load(args: argparse.Namespace) -> int:
+    """`macmesh models load MODEL [--node NODE]`."""
+    from macmesh.admin_client import AdminClient, AdminError
+
+    body = {"model": args.model, "node": args.node}
+    try:
+        out = AdminClient.from_args(args, timeout=args.timeout).post("/api/models/load", body)
+    except AdminError as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    if out.get("already_loaded"):
+        print(f"{out['model']} is already loaded on {out['node']}")
+    else:
+        print(
+            f"loaded {out['model']} on {out['node']} in {out['load_seconds']:.1f}s ({out['why']})"
+        )
+    return 0
+
+
+def cmd_models_unload(args: argparse.Namespace) -> int:
+    """`macmesh models unload MODEL [--node NODE]`."""
+    from macmesh.admin_client import AdminClient, AdminError
+
+    body = {"model": args.model, "node": args.node}
+    try:
+        out = AdminClient.from_args(args, timeout=args.timeout).post("/api/models/unload", body)
+    except AdminError as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    where = ", ".join(out["unloaded"]) or "nowhere (it was not loaded)"
+    print(f"unloaded {out['model']} on {where}")
+    for node, message in out["failed"].items():
+        print(f"macmesh: {node}: {message}", file=sys.stderr)
+    return 1 if out["failed"] else 0
+
+
 def add_models_parser(sub: Any) -> None:
-    """The `models` command and its actions."""
-    p = sub.add_parser("models", help="list and import models")
-    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    """The `models` command and its actions (no action: the mesh-wide table)."""
+    from macmesh.admin_client import add_coordinator_flags
+
+    p = sub.add_parser(
+        "models", help="the mesh's models (no action: a model x node table); list, load, pull..."
+    )
+    add_coordinator_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models_table)
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    q = msub.add_parser("show", help="the mesh-wide model x node table (as with no action)")
+    add_coordinator_flags(q)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_models_table)
+    for action, func, text in (
+        ("load", cmd_models_load, "load a model where it fits (or on --node)"),
+        ("unload", cmd_models_unload, "unload a model (on --node, else everywhere)"),
+    ):
+        q = msub.add_parser(action, help=text)
+        q.add_argument("model", help="model id or alias")
+        q.add_argument("--node", help="node id or address")
+        q.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+        add_coordinator_flags(q)
+        q.set_defaults(func=func)
     q = msub.add_parser("list", help="models this node can serve")
     q.add_argument("--models-dir", type=Path)
     q.add_argument("--no-hf-cache", action="store_true")

@@ -13,7 +13,8 @@ The chain (first match wins):
 Seed-compatible formats (MLX Studio): an alias value is a model id or a path
 (`~` and `$VARS` expanded; the last path component is the model id), or an
 object `{"model": ..., "backend": "mlx"|"gguf", "draft_model": ...,
-"max_tokens": N}` (N caps output tokens for requests resolved through it). A target
+"max_tokens": N, "ttl": S, "pin": B}` (N caps output tokens for requests
+resolved through it; `ttl`/`pin` set its model's lifetime, routing.placement). A target
 ending in `.gguf` means the gguf backend unless an entry says otherwise.
 No I/O here: callers load the files and pass their parsed JSON.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.errors import InvalidRequest
+from routing.placement import Lifetime, parse_lifetime
 
 TIERS = ("haiku", "sonnet", "opus")
 BACKENDS = ("mlx", "gguf")
@@ -45,6 +47,8 @@ class Target:
     # The target as a path (`~`/`$VARS` expanded) when the config named it by path:
     # nodes on which that path exists serve it (see `named_paths`).
     path: str | None = None
+    # `ttl`/`pin` the entry sets for its model (routing.placement), if any.
+    lifetime: Lifetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,19 @@ def named_paths(config: RoutingConfig) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def lifetime_entries(config: RoutingConfig) -> list[tuple[str, Lifetime]]:
+    """(model, lifetime) of every alias and tier entry that sets `ttl` or `pin`."""
+    targets = [*config.aliases.values(), *config.claude.tiers.values()]
+    out = []
+    for t in targets:
+        if t.lifetime is not None:
+            model = t.model
+            if detect_backend(model, t.backend) == "gguf" and not model.lower().endswith(".gguf"):
+                out.append((f"{model}.gguf", t.lifetime))  # as `resolve` names it when served
+            out.append((model, t.lifetime))
+    return out
+
+
 def detect_backend(model: str, explicit: str | None = None) -> str:
     """Explicit backend, else `.gguf` -> gguf, else mlx."""
     if explicit:
@@ -141,12 +158,14 @@ def _target(value: Any, field_name: str) -> Target:
         cap = value.get("max_tokens")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise InvalidRequest("must be a positive integer", field=f"{field_name}.max_tokens")
+        has_lifetime = "ttl" in value or "pin" in value
         return Target(
             model=model_id(model),
             backend=backend,
             draft_model=draft or None,
             max_tokens=cap,
             path=as_path(model),
+            lifetime=parse_lifetime(value, field_name) if has_lifetime else None,
         )
     raise InvalidRequest("must be a model id, a path, or an object with 'model'", field=field_name)
 

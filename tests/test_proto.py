@@ -40,4 +40,9 @@ def test_package_is_versioned() -> None:
         "LoadModel",
         "UnloadModel",
         "WatchState",
+        "PullModel",
+        "CopyModel",
+        "DeleteModel",
+        "ModelManifest",
+        "ReadModelFile",
     }

@@ -12,7 +12,8 @@ Routes (seed-compatible where MLX Studio had one):
     GET    /api/inference-settings          inference_settings.json
     PUT    /api/inference-settings          replace
     GET    /api/nodes                       every known node with its live state
-    GET    /api/models                      every model in the mesh and which nodes serve it
+    GET    /api/models                      every model in the mesh: per node loaded or on disk,
+                                            sizes, idle time; its ttl and pin
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from coordinator.nodes import NodeView
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from mesh.errors import InvalidRequest, MeshError, ModelNotFound
+from mesh.types import Transfer
 
 router = APIRouter(prefix="/api", tags=["admin"])
 
@@ -196,9 +198,11 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                     "estimated_bytes": m.estimated_bytes,
                     "kv_bytes_per_token": m.kv_bytes_per_token,
                     "estimate_error": m.estimate_error if m.loaded else None,
+                    "idle_seconds": m.idle_seconds if m.loaded else None,
                 }
                 for m in state.models
             ],
+            transfers=[transfer_json(t) for t in state.transfers],
             load=[
                 {
                     "model": x.model,
@@ -235,20 +239,58 @@ async def list_nodes(request: Request) -> JSONResponse:
     )
 
 
+def transfer_json(t: Transfer) -> dict[str, Any]:
+    """A download or copy as the admin API shows it (percent when the total is known)."""
+    return {
+        "id": t.id,
+        "kind": t.kind,
+        "model": t.model,
+        "source": t.source,
+        "state": t.state,
+        "bytes_done": t.bytes_done,
+        "bytes_total": t.bytes_total or None,
+        "percent": round(100 * t.bytes_done / t.bytes_total, 1) if t.bytes_total else None,
+        "error": t.error or None,
+        "started": t.started,
+        "finished": t.finished or None,
+        "path": t.path or None,
+    }
+
+
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
+    """The mesh-wide table: each model, and on each node loaded or on disk, with sizes and
+    its lifetime (ttl, pin)."""
     service = _service(request)
     models: list[dict[str, Any]] = []
     for model_id, views in sorted(service.registry.served_models().items()):
-        infos = [(v, v.model(model_id)) for v in views]
-        first = next(i for _, i in infos if i is not None)
+        infos = sorted(
+            ((v, i) for v in views if (i := v.model(model_id)) is not None),
+            key=lambda vi: vi[0].node_id,
+        )
+        first = infos[0][1]
+        life = service.settings.lifetime(model_id)
         models.append(
             {
                 "id": model_id,
                 "backend": first.backend,
                 "context_length": first.context_length,
                 "quantization": first.quantization,
-                "nodes": [{"id": v.node_id, "loaded": bool(i and i.loaded)} for v, i in infos],
+                "size_bytes": first.size_bytes,
+                "estimated_bytes": first.estimated_bytes,
+                "ttl": life.ttl,
+                "pin": life.pin,
+                "nodes": [
+                    {
+                        "id": v.node_id,
+                        "loaded": i.loaded,
+                        "source": i.source,
+                        "path": i.path,
+                        "memory_bytes": i.memory_bytes,
+                        "idle_seconds": i.idle_seconds if i.loaded else None,
+                    }
+                    for v, i in infos
+                ],
             }
         )
     aliases = _settings(request).raw("aliases") or {}
