@@ -160,8 +160,12 @@ def sim_node(home: Path, node_id: str, budget_gb: float, *specs: str) -> Running
 def mesh(tmp_path: Path) -> Iterator[tuple[RunningNode, RunningNode, RunningCoordinator]]:
     """node-a (4 GB budget): m1 3 GB, m2 2 GB, xl 5 GB; node-b (4 GB): m1 3 GB, m3 2 GB.
     Every model loads in 0.3 s; decode 50 tok/s so a stream can be held open."""
-    a = sim_node(tmp_path / "a", "node-a", 4, "m1:5000:50,mem=3,load=0.3", "m2:5000:50,mem=2,load=0.3",
-                 "xl:5000:50,mem=5,load=0.3")  # fmt: skip
+    a_models = (
+        "m1:5000:50,mem=3,load=0.3",
+        "m2:5000:50,mem=2,load=0.3",
+        "xl:5000:50,mem=5,load=0.3",
+    )
+    a = sim_node(tmp_path / "a", "node-a", 4, *a_models)
     b = sim_node(
         tmp_path / "b", "node-b", 4, "m1:5000:50,mem=3,load=0.3", "m3:5000:50,mem=2,load=0.3"
     )
@@ -216,7 +220,7 @@ def sim(node: RunningNode) -> SimBackend:
 def test_places_where_it_fits_evicts_lru_refuses_what_fits_nowhere(
     mesh: tuple[RunningNode, RunningNode, RunningCoordinator],
 ) -> None:
-    a, b, coord = mesh
+    _, _, coord = mesh
     wait_loaded(coord, {"node-a": set(), "node-b": set()})
     # Both have m1's files and 4 GB free: the lowest id.
     r = chat(coord, "m1")
@@ -259,7 +263,7 @@ def test_places_where_it_fits_evicts_lru_refuses_what_fits_nowhere(
 def test_never_evicts_a_pinned_model_or_one_in_flight(
     mesh: tuple[RunningNode, RunningNode, RunningCoordinator], tmp_path: Path
 ) -> None:
-    a, b, coord = mesh
+    _, _, coord = mesh
     assert chat(coord, "m2").status_code == 200  # node-a: m2 (2 GB of 4)
     wait_loaded(coord, {"node-a": {"m2"}, "node-b": set()})
     assert chat(coord, "m3").status_code == 200  # node-b: m3 (2 GB of 4)
@@ -279,7 +283,7 @@ def test_never_evicts_a_pinned_model_or_one_in_flight(
     t = threading.Thread(target=hold)
     t.start()
     deadline = time.monotonic() + 5
-    while not sim(a)._running["m2"]:
+    while not sim(mesh[0])._running["m2"]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     time.sleep(1.2)  # the node's state shows it running
@@ -303,7 +307,7 @@ def test_never_evicts_a_pinned_model_or_one_in_flight(
 
 
 def test_idle_ttl_unloads(mesh: tuple[RunningNode, RunningNode, RunningCoordinator]) -> None:
-    a, b, coord = mesh
+    _, _, coord = mesh
     home = Path(coord.app.state.settings.home)
     home.mkdir(exist_ok=True)
     # A TTL from model_settings.json and one from an alias entry.
@@ -323,7 +327,7 @@ def test_idle_ttl_unloads(mesh: tuple[RunningNode, RunningNode, RunningCoordinat
 def test_a_burst_of_first_requests_loads_once(
     mesh: tuple[RunningNode, RunningNode, RunningCoordinator],
 ) -> None:
-    a, b, coord = mesh
+    _, _, coord = mesh
     results: list[httpx.Response] = []
     lock = threading.Lock()
 
@@ -338,7 +342,7 @@ def test_a_burst_of_first_requests_loads_once(
     for t in threads:
         t.join(60)
     assert [r.status_code for r in results] == [200] * 6
-    assert sim(a).loads == 1
+    assert sim(mesh[0]).loads == 1
     assert coord.app.state.service.placer.loads_started == 1
 
 
@@ -348,7 +352,7 @@ def test_admin_load_unload_and_cli_table(
     import subprocess
     import sys
 
-    a, b, coord = mesh
+    _, _, coord = mesh
     url = coord.base_url
     r = httpx.post(url + "/api/models/load", json={"model": "m1", "node": "node-b"}, timeout=30)
     assert r.status_code == 200, r.text
