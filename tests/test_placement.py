@@ -214,6 +214,7 @@ def settle(coord: RunningCoordinator, timeout: float = 5) -> None:
 
 
 def sim(node: RunningNode) -> SimBackend:
+    assert node.server.core is not None
     return node.server.core.backend(SimBackend)
 
 
