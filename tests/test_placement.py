@@ -402,3 +402,20 @@ def test_node_refuses_a_load_past_its_budget(tmp_path: Path) -> None:
         assert "p 3.00 GiB" in message
     finally:
         node.stop()
+
+
+def test_docs_examples_parse() -> None:
+    """docs/models.md's model_settings.json and tier examples are valid as written."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, re.S)]
+    settings = parse_model_settings(next(b for b in blocks if "default_ttl" in b))
+    assert lifetime("qwen3-4b", settings) == Lifetime(600.0)
+    assert lifetime("x.gguf", settings) == Lifetime(300.0)
+    assert lifetime("other", settings) == Lifetime(1800.0)
+    tiers = parse_claude_routing({"tiers": next(b for b in blocks if "haiku" in b)})
+    from routing.aliases import RoutingConfig
+
+    entries = lifetime_entries(RoutingConfig(claude=tiers))
+    assert lifetime("qwen3-coder-30b", settings, entries).pin
