@@ -419,3 +419,43 @@ def test_docs_examples_parse() -> None:
 
     entries = lifetime_entries(RoutingConfig(claude=tiers))
     assert lifetime("qwen3-coder-30b", settings, entries).pin
+
+
+def test_unload_waits_for_requests_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
+    """An unload (not if_idle) lets the running stream finish; meanwhile new requests for the
+    model get UNAVAILABLE (a coordinator retries them elsewhere); `if_idle` refuses outright."""
+    import asyncio
+    from dataclasses import replace
+
+    from mesh.client import NodeClient
+    from mesh.errors import ModelLoadError, Unavailable
+    from tests.node_calls import chat as chat_request
+    from tests.node_calls import collect, finish_of
+
+    node = sim_node(tmp_path / "n", "solo", 4, "p:5000:40,mem=1,load=0")
+    req = replace(chat_request("hi", max_tokens=40), model="p")  # 1 s at 40 tok/s
+
+    async def go() -> None:
+        async with NodeClient(node.target, timeout=30) as c:
+            stream = asyncio.create_task(collect(c, req))
+            while not sim(node)._running["p"]:
+                await asyncio.sleep(0.01)
+            with pytest.raises(ModelLoadError, match="in flight"):
+                await c.unload_model("p", if_idle=True)
+            unload = asyncio.create_task(c.unload_model("p"))
+            await asyncio.sleep(0.2)
+            with pytest.raises(Unavailable, match="being unloaded"):
+                await collect(c, req)
+            assert not unload.done()
+            events = await stream
+            assert finish_of(events).usage.completion_tokens == 40  # not cut
+            assert await unload is True
+            assert "p" not in sim(node).loaded()
+            # Afterwards a request loads it again on demand.
+            again = await collect(c, replace(req, sampling=replace(req.sampling, max_tokens=2)))
+            assert finish_of(again).usage.completion_tokens == 2
+
+    try:
+        asyncio.run(go())
+    finally:
+        node.stop()

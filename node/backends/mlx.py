@@ -88,6 +88,16 @@ class LoadedModel:
         )
 
 
+def _out_of_memory(entry: CatalogEntry, exc: BaseException) -> ModelLoadError:
+    """What a load that ran out of memory reports; what it allocated is freed first, so the
+    node keeps serving its other models."""
+    _unload_on_engine()
+    return ModelLoadError(
+        f"out of memory loading {entry.id!r} (estimated {entry.estimated_bytes / 2**30:.2f} GiB "
+        f"resident): {exc}; unload a model or set --memory-budget so placement avoids this node"
+    )
+
+
 def _load_on_engine(entry: CatalogEntry) -> LoadedModel:
     """mlx_lm.load plus what we derive from it; runs on the engine thread."""
     import mlx.core as mx
@@ -97,9 +107,15 @@ def _load_on_engine(entry: CatalogEntry) -> LoadedModel:
     try:
         loaded: Any = load(str(entry.path), return_config=True)
         model, tokenizer, config = loaded
+        # Materialized here, so running out of memory shows now, not in a first request.
+        mx.eval(model.parameters())
+    except MemoryError as exc:
+        raise _out_of_memory(entry, exc) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if "memory" in str(exc).lower() or "bad_alloc" in str(exc):
+            # Metal: "Insufficient Memory"; CPU: std::bad_alloc surfaces as RuntimeError.
+            raise _out_of_memory(entry, exc) from exc
         raise ModelLoadError(f"cannot load {entry.id!r} from {entry.path}: {exc}") from exc
-    mx.eval(model.parameters())
     params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     memory = sum(int(v.nbytes) for _, v in params)
     context = entry.context_length or int(getattr(tokenizer, "model_max_length", 0) or 0)
