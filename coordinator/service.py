@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +23,7 @@ from coordinator.metrics import (
 )
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.placement import Placer
+from coordinator.prepared import Prepared, config_key
 from coordinator.settings import SettingsStore
 from mesh import errors
 from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
@@ -40,7 +41,6 @@ from mesh.types import (
     Started,
     TextPrompt,
     TokenPrompt,
-    Tool,
     ToolCallEvent,
 )
 from routing.aliases import Resolution, resolve
@@ -66,60 +66,6 @@ RENDER_MEMO = 256
 _RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 # Finish reasons the APIs report as a server error.
 _FAILED = frozenset({FinishReason.ERROR, FinishReason.CANCELLED})
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A request resolved, placed and tokenized, ready to generate."""
-
-    resolution: Resolution
-    node: NodeView
-    route_reason: str
-    token_ids: tuple[int, ...]
-    context_length: int
-    tools: tuple[Tool, ...]
-    # The chat as asked (after defaults): GGUF nodes get it instead of token ids,
-    # because llama-server renders it and parses tool calls/reasoning itself.
-    chat: ChatPrompt | None = None
-    decision: Decision | None = None
-    # time.perf_counter() when preparing began: latencies count from here.
-    received: float = 0.0
-    # A cold model: where placement loaded it and why (coordinator.placement).
-    placement: str = ""
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def model(self) -> str:
-        return self.resolution.model
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """Response headers that say where and why a request went."""
-        headers = {
-            "x-macmesh-node": self.node.node_id,
-            "x-macmesh-model": self.resolution.model,
-            "x-macmesh-route-reason": self.route_reason,
-        }
-        if self.placement:
-            headers["x-macmesh-placement"] = self.placement
-        return headers
-
-
-def _config_key(res: Resolution) -> str:
-    """The config file and key that decided `res`, for error messages."""
-    rule = res.rule
-    if rule == "alias":
-        return f"model_aliases.json key {res.requested!r}"
-    if rule.startswith("wildcard:"):
-        return f"model_aliases.json key {rule.removeprefix('wildcard:')!r}"
-    if rule.startswith("tier:"):
-        return f"claude_routing.json tiers.{rule.removeprefix('tier:')}"
-    if rule == "claude-default":
-        return "claude_routing.json default_model"
-    return f"rule {rule}"
 
 
 class ChatService:
@@ -177,8 +123,7 @@ class ChatService:
             )
         if res.path:
             raise ModelNotFound(
-                f"{res.model} ({_config_key(res)} names {res.path}, which exists on no "
-                "online node)",
+                f"{res.model} ({config_key(res)} names {res.path}, which exists on no online node)",
                 self.available_names(),
             )
         raise ModelNotFound(
