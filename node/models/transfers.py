@@ -35,6 +35,9 @@ class TransferJob:
         self._notified = 0.0
         # Set when the job ends (done or failed): for callers that wait.
         self.finished = threading.Event()
+        # The task doing the job when it runs on the event loop (node.models.copy):
+        # held here because the loop keeps only weak references to its tasks.
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def record(self) -> Transfer:
