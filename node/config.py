@@ -152,13 +152,13 @@ class SimModelSpec:
     def parse(cls, spec: str) -> SimModelSpec:
         """`NAME[:PREFILL_TPS[:DECODE_TPS[:CONTEXT[:ALPHA]]]][,mem=GB][,load=S]`, e.g.
         `sim-7b:1500:40` or `sim-7b:1500:40:32768:0.15,mem=4,load=0.5` (ALPHA >= 0:
-        1 = no batching gain; `mem`: starts unloaded, loads in `load` s and takes GB)."""
+        1 = no batching gain; `mem`: starts unloaded, loads in `load` s and takes GiB)."""
         spec, *options = spec.split(",")
         extra: dict[str, float | int] = {}
         for option in options:
             key, _, raw = option.partition("=")
             if key not in ("mem", "load"):
-                raise ValueError(f"simulated model option {option!r}: expected mem=GB or load=S")
+                raise ValueError(f"simulated model option {option!r}: expected mem=GIB or load=S")
             try:
                 number = float(raw)
             except ValueError:
@@ -166,7 +166,7 @@ class SimModelSpec:
             if number < 0 or (key == "mem" and number == 0):
                 raise ValueError(f"simulated model option {option!r}: must be > 0")
             if key == "mem":
-                extra["memory_bytes"] = int(number * 1e9)
+                extra["memory_bytes"] = int(number * 2**30)
             else:
                 extra["load_seconds"] = number
         parts = spec.split(":")
@@ -220,6 +220,9 @@ class NodeConfig:
     # Bytes macmesh may use on this machine (`--memory-budget`), reported to
     # coordinators for placement; None = no budget.
     memory_budget: int | None = None
+    # Disk bytes a model copy into this node leaves free (`--min-free-disk`); a copy
+    # that would eat into them is refused (node.models.copy).
+    min_free_disk_bytes: int = 1 << 30
     # Waiting generations beyond this are refused (RESOURCE_EXHAUSTED).
     max_waiting: int = 256
     # Speculative decoding: tokens a draft proposes per round (`--num-draft-tokens`,

@@ -38,6 +38,8 @@ from node.backends.registry import FACTORIES
 from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
+from node.models.copy import start_copy
+from node.models.files import delete_model, model_manifest, read_model_file
 from node.models.named import NamedPaths
 from node.models.transfers import Transfers
 from proto import node_pb2 as pb
@@ -254,10 +256,10 @@ class NodeCore:
         resident = self.resident_bytes()
         used = sum(resident.values())
         if need and used + need > budget:
-            held = ", ".join(f"{m} {b / 1e9:.2f} GB" for m, b in sorted(resident.items()))
+            held = ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in sorted(resident.items()))
             raise Overloaded(
-                f"model {model_id!r} needs about {need / 1e9:.2f} GB, but this node's memory "
-                f"budget is {budget / 1e9:.2f} GB with {used / 1e9:.2f} GB in use"
+                f"model {model_id!r} needs about {need / 2**30:.2f} GiB, but this node's memory "
+                f"budget is {budget / 2**30:.2f} GiB with {used / 2**30:.2f} GiB in use"
                 + (f" ({held})" if held else "")
             )
 
@@ -329,25 +331,29 @@ class NodeCore:
 
     async def pull(self, repo: str, file: str, revision: str) -> Transfer:
         """Start downloading a Hub repo (or one file) into the HF cache (node.models.pull)."""
-        raise NotImplementedError  # TODO(pull helper)
+        from node.models.pull import start_pull
+
+        return start_pull(
+            self.transfers, self.catalog, self.config.hf_cache_dir, repo, file, revision
+        )
 
     async def copy(
         self, model: str, source_address: str, source_node_id: str, max_bytes_per_second: int
     ) -> Transfer:
         """Start copying `model` from another node onto this one (node.models.copy)."""
-        raise NotImplementedError  # TODO(copy helper)
+        return await start_copy(self, model, source_address, source_node_id, max_bytes_per_second)
 
     async def delete(self, model: str, *, force: bool) -> pb.DeleteModelResponse:
         """Delete a model's files (refused while loaded unless `force`)."""
-        raise NotImplementedError  # TODO(copy helper)
+        return await delete_model(self, model, force=force)
 
     async def manifest(self, model: str) -> pb.ModelManifestResponse:
         """The model's files with sizes and SHA-256 (a copy's source side)."""
-        raise NotImplementedError  # TODO(copy helper)
+        return await model_manifest(self.catalog, model, self.config.home)
 
     def read_file(self, model: str, path: str, offset: int) -> AsyncGenerator[pb.FileChunk, None]:
         """One file of a model from `offset`, in checksummed chunks (a copy's source side)."""
-        raise NotImplementedError  # TODO(copy helper)
+        return read_model_file(self.catalog, model, path, offset)
 
     async def render(self, model_id: str, chat: ChatPrompt, include_text: bool) -> RenderedPrompt:
         backend = await self._backend(model_id)
@@ -397,6 +403,7 @@ class NodeCore:
         if not self._active[model]:
             del self._active[model]
         self._last_used[model] = time.monotonic()
+        self.notify()  # idle now: placement may evict it, TTLs start counting
 
     def _accepted(self, started: Started, arrived: float) -> RequestMetrics:
         """A request the backend took: its metrics, bound to the model's real id."""

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.api.common import openai_error
-from coordinator.nodes import NodeView
+from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from mesh.errors import InvalidRequest, MeshError, ModelNotFound
@@ -202,7 +202,7 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                 }
                 for m in state.models
             ],
-            transfers=[transfer_json(t) for t in state.transfers],
+            transfers=[transfer_json(t, view) for t in state.transfers],
             load=[
                 {
                     "model": x.model,
@@ -225,23 +225,25 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
     return out
 
 
+def nodes_json(registry: NodeRegistry) -> dict[str, Any]:
+    """The body of GET /api/nodes (also the payload of the web UI's event stream)."""
+    indexed = registry.prefix.stats().nodes
+    return {
+        "nodes": [
+            _node_json(v, registry.stale_after, indexed.get(v.target, 0)) for v in registry.nodes()
+        ]
+    }
+
+
 @router.get("/nodes")
 async def list_nodes(request: Request) -> JSONResponse:
-    registry = _service(request).registry
-    indexed = registry.prefix.stats().nodes
-    return JSONResponse(
-        {
-            "nodes": [
-                _node_json(v, registry.stale_after, indexed.get(v.target, 0))
-                for v in registry.nodes()
-            ]
-        }
-    )
+    return JSONResponse(nodes_json(_service(request).registry))
 
 
-def transfer_json(t: Transfer) -> dict[str, Any]:
-    """A download or copy as the admin API shows it (percent when the total is known)."""
-    return {
+def transfer_json(t: Transfer, view: NodeView | None = None) -> dict[str, Any]:
+    """A pull or copy as the admin API shows it: `percent` once the total is known, and
+    (given its node) `node` and `served`, whether that node lists the model now."""
+    out: dict[str, Any] = {
         "id": t.id,
         "kind": t.kind,
         "model": t.model,
@@ -255,6 +257,10 @@ def transfer_json(t: Transfer) -> dict[str, Any]:
         "finished": t.finished or None,
         "path": t.path or None,
     }
+    if view is not None:
+        out["node"] = view.node_id
+        out["served"] = bool(t.model) and view.model(t.model) is not None
+    return out
 
 
 @router.get("/models")
