@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from coordinator.api import admin, anthropic, hub, lifecycle, model_files, openai, prometheus
+from coordinator.api import admin, anthropic, hub, lifecycle, model_files, openai, prometheus, web
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -34,6 +34,11 @@ MODEL_PATHS_SECONDS = 2.0
 
 # Reachable without an API key: load balancers, launchd health checks, Prometheus.
 OPEN_PATHS = frozenset({"/", "/health"}) | prometheus.OPEN_PATHS
+
+
+def _open_path(path: str) -> bool:
+    # The web UI's files hold no data (its pages call /api/*, which needs the key).
+    return path in OPEN_PATHS or web.is_ui_path(path)
 
 
 def _is_anthropic(request: Request) -> bool:
@@ -150,15 +155,20 @@ def create_app(
         async def require_key(
             request: Request, call_next: Callable[[Request], Awaitable[Response]]
         ) -> Response:
-            if request.url.path in OPEN_PATHS or _key_ok(_presented_key(request), config.api_keys):
+            if _open_path(request.url.path) or _key_ok(_presented_key(request), config.api_keys):
                 return await call_next(request)
             err = Unauthenticated(
                 "invalid or missing API key (send x-api-key or Authorization: Bearer)"
             )
             return anthropic_error(err) if _is_anthropic(request) else openai_error(err)
 
+    if not config.api_keys and not config.ui_open:
+        app.middleware("http")(web.loopback_guard)
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def root() -> JSONResponse:
+    async def root(request: Request) -> Response:
+        if web.wants_html(request):  # a browser: the web UI; everyone else: JSON
+            return web.index_page()
         return JSONResponse({"name": "macmesh", "version": __version__, "status": "ok"})
 
     @app.get("/health")
@@ -173,4 +183,5 @@ def create_app(
     app.include_router(hub.router)
     app.include_router(model_files.router)
     app.include_router(prometheus.router)
+    app.include_router(web.router)
     return app

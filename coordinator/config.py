@@ -25,6 +25,9 @@ class CoordinatorConfig:
     routing_policy: str = "cache-aware"
     # When non-empty, every route but health needs one of these keys.
     api_keys: frozenset[str] = frozenset()
+    # Without keys, the web UI and /api/* answer only to loopback unless this is set
+    # (`--ui-open`: anyone who can reach the port can then manage the mesh; docs/web.md).
+    ui_open: bool = False
     # Seconds between Anthropic `ping` events while the prompt is processed.
     ping_interval: float = 2.0
     # Mesh secret for node links (mesh.auth); None = open links (loopback labs only).

@@ -1,0 +1,230 @@
+"""The web UI in a real browser (Playwright + Debian's Chromium) against a live simulated mesh,
+plus the HTTP rules around it (what `/` answers whom, the loopback guard, the event stream)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from node.config import NodeConfig, SimModelSpec
+from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Names a careless page would turn into markup that runs script.
+HOSTILE_NODE = "n<img src=x onerror=window.__xss=1>"
+HOSTILE_MODEL = "m<img src=x onerror=window.__xss=2>"
+LAZY = "lazy-sim:5000:50,mem=1,load=0.2"  # starts unloaded; loads in 0.2 s
+KEY = "sk-ui-test"
+
+needs_browser = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="no /usr/bin/chromium (run `make chromium`: apt-get install chromium, as root)",
+)
+
+
+def _node(home: Path, spec: str | SimModelSpec, node_id: str | None = None) -> RunningNode:
+    home.mkdir(parents=True, exist_ok=True)
+    if node_id is not None:
+        (home / "node_id").write_text(node_id + "\n")
+    sim = spec if isinstance(spec, SimModelSpec) else SimModelSpec.parse(spec)
+    return start_node(
+        NodeConfig(
+            grpc_port=0,
+            home=home,
+            models_dir=home / "models",
+            scan_hf_cache=False,
+            sim_models=(sim,),
+        )
+    )
+
+
+def _stop(coordinator: RunningCoordinator) -> None:
+    # Open event streams would hold uvicorn's graceful shutdown forever (the real server
+    # sets timeout_graceful_shutdown; the test one does not).
+    coordinator.server.force_exit = True
+    coordinator.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("web-mesh")
+    hostile = _node(root / "a", SimModelSpec(HOSTILE_MODEL, 5000, 50), HOSTILE_NODE)
+    lazy = _node(root / "b", LAZY, "node-b")
+    peers = (hostile.target, lazy.target)
+    open_coord = start_coordinator(CoordinatorConfig(home=root / "c1", peers=peers), wait_nodes=2)
+    keyed = start_coordinator(
+        CoordinatorConfig(home=root / "c2", peers=peers, api_keys=frozenset({KEY})), wait_nodes=0
+    )
+    mesh_state: dict[str, Any] = {"hostile": hostile, "lazy": lazy, "open": open_coord}
+    mesh_state.update(keyed=keyed, root=root)
+    yield mesh_state
+    _stop(open_coord)
+    _stop(keyed)
+    if not mesh_state.get("lazy_stopped"):
+        lazy.stop(0)
+    hostile.stop(0)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (run `make chromium`: apt-get install chromium, as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--headless=new", "--no-sandbox"]
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    # Playwright's polling predicates are evaluated strings, which the page's CSP forbids;
+    # without the CSP the escaping checks below also rest on the DOM code alone.
+    context = browser.new_context(bypass_csp=True)
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def test_root_answers_json_to_clients_and_html_to_browsers(mesh: dict[str, Any]) -> None:
+    base = mesh["open"].base_url
+    assert httpx.get(base + "/").json()["name"] == "macmesh"  # httpx sends */*
+    r = httpx.get(base + "/", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert r.headers["content-type"].startswith("text/html") and "app.js" in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(base + "/ui/models").headers["content-type"].startswith("text/html")
+    js = httpx.get(base + "/ui/static/app.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    for bad in ("/ui/static/../pyproject.toml", "/ui/static/%2e%2e/pyproject.toml", "/ui/static/x"):
+        r = httpx.get(base + bad)
+        assert "[project]" not in r.text and r.status_code in (200, 404), bad
+    # With keys the files stay open (they hold no data), the API does not.
+    keyed = mesh["keyed"].base_url
+    assert httpx.get(keyed + "/ui/static/app.js").status_code == 200
+    assert httpx.get(keyed + "/api/events").status_code == 401
+
+
+def test_event_stream_sends_the_nodes_view(mesh: dict[str, Any]) -> None:
+    with httpx.stream("GET", mesh["open"].base_url + "/api/events", timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                body = json.loads(line.removeprefix("data:"))
+                break
+    assert {n["id"] for n in body["nodes"]} == {HOSTILE_NODE, "node-b"}
+
+
+async def test_loopback_guard_without_keys(tmp_path: Path) -> None:
+    from coordinator.app import create_app
+
+    def client(app: Any, host: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(host, 1234))
+        return httpx.AsyncClient(transport=transport, base_url="http://c")
+
+    closed = create_app(CoordinatorConfig(home=tmp_path / "a"))
+    async with client(closed, "192.168.1.20") as http:
+        r = await http.get("/api/nodes")
+        assert r.status_code == 403 and "--ui-open" in r.json()["error"]["message"]
+        assert (await http.get("/ui/mesh")).status_code == 403
+        assert (await http.get("/", headers={"accept": "text/html"})).status_code == 403
+        assert (await http.get("/")).status_code == 200, "JSON clients and health stay open"
+        assert (await http.get("/health")).status_code == 200
+    async with client(closed, "127.0.0.1") as http:
+        assert (await http.get("/ui/mesh")).status_code == 200
+    opened = create_app(CoordinatorConfig(home=tmp_path / "b", ui_open=True))
+    async with client(opened, "192.168.1.20") as http:
+        assert (await http.get("/ui/mesh")).status_code == 200
+
+
+@needs_browser
+def test_mesh_page_is_live_and_escapes_names(mesh: dict[str, Any], page: Any) -> None:
+    page.goto(mesh["open"].base_url + "/")
+    cards = page.locator("article.card")
+    cards.first.wait_for(timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('article.card').length === 2")
+    hostile = page.locator("article.card", has_text=HOSTILE_NODE)
+    assert hostile.locator("h3").inner_text().startswith(HOSTILE_NODE)
+    assert HOSTILE_MODEL in hostile.locator(".models-loaded").inner_text()
+    assert page.evaluate("document.querySelectorAll('main img').length") == 0
+    assert page.evaluate("window.__xss") is None
+    assert "online" in hostile.locator(".badge").inner_text()
+
+
+@needs_browser
+def test_models_page_loads_a_model(mesh: dict[str, Any], page: Any) -> None:
+    page.goto(mesh["open"].base_url + "/ui/models")
+    row = page.locator('tr[data-node="node-b"]')
+    row.wait_for(timeout=10_000)
+    assert row.locator(".state").inner_text() == "on disk"
+    assert page.locator("#models").inner_text().count(HOSTILE_MODEL) == 1
+    row.locator("button[data-action=load]").click()
+    page.wait_for_function(
+        "document.querySelector('tr[data-node=\"node-b\"] .state').textContent === 'loaded'",
+        timeout=10_000,
+    )
+    assert page.locator("#model-error").inner_text() == ""
+    assert page.evaluate("window.__xss") is None
+
+
+@needs_browser
+def test_api_key_prompt(mesh: dict[str, Any], page: Any) -> None:
+    page.goto(mesh["keyed"].base_url + "/ui/mesh")
+    page.locator("#key-input").wait_for(state="visible", timeout=10_000)
+    assert page.locator("article.card").count() == 0
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_function("document.querySelectorAll('article.card').length === 2")
+    assert page.locator("#key-form").is_hidden()
+
+
+@needs_browser
+def test_offline_node_and_reconnect(
+    mesh: dict[str, Any], page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Last: it stops the lazy node and restarts a coordinator of its own.
+    root = tmp_path_factory.mktemp("web-reconnect")
+    coord = start_coordinator(
+        CoordinatorConfig(home=root, peers=(mesh["lazy"].target, mesh["hostile"].target)),
+        wait_nodes=2,
+    )
+    port = coord.port
+    page.goto(coord.base_url + "/ui/mesh")
+    page.wait_for_function("document.querySelectorAll('article.card.online').length === 2")
+    t0 = time.monotonic()
+    mesh["lazy"].stop(0)
+    mesh["lazy_stopped"] = True
+    page.locator('article.card.offline[data-node="node-b"]').wait_for(timeout=15_000)
+    assert "offline" in page.locator('article[data-node="node-b"] .badge').inner_text()
+    assert time.monotonic() - t0 < 12
+    _stop(coord)
+    page.wait_for_function(
+        "document.getElementById('conn').textContent.includes('reconnecting')", timeout=10_000
+    )
+    # The same port again: the page finds the new coordinator by itself.
+    import uvicorn
+
+    from coordinator.app import create_app
+
+    app = create_app(CoordinatorConfig(home=root, peers=(mesh["hostile"].target,)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        page.wait_for_function(
+            "document.getElementById('conn').textContent === 'live'", timeout=20_000
+        )
+    finally:
+        server.force_exit = True
+        server.should_exit = True
+        thread.join(30)
