@@ -468,16 +468,16 @@ class ChatService:
             res = prepared.resolution
             self.metrics.request(api, res, status)
             log.info(
-                "%s %r -> %s (%s) on %s [%s%s]: %d prompt tokens, max %s; %s in %.2fs",
+                "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs%s",
                 request_id,
                 res.requested,
                 res.model,
                 res.rule,
                 ",".join(sorted(tried)),
                 prepared.route_reason,
-                f"; placed {prepared.placement}" if prepared.placement else "",
                 prepared.prompt_tokens,
                 sampling.max_tokens,
                 outcome,
                 time.perf_counter() - t0,
+                f"; placed on {prepared.placement}" if prepared.placement else "",
             )

@@ -16,78 +16,11 @@ from typing import Any
 from urllib.parse import quote
 
 from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags
-
-# Seconds between polls of a running copy, and how long a transfer the coordinator
-# does not show yet (its node's next state push) is waited for.
-POLL_SECONDS = 0.5
-UNSEEN_GRACE_SECONDS = 15.0
-BAR_WIDTH = 24
+from macmesh.transfer_progress import ProgressBar, follow
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
-
-
-def progress_line(transfer: dict[str, Any], rate: float) -> str:
-    """`[#####.....]  42%  41.2/98.4 MB  35.1 MB/s` for a running transfer."""
-    done, total = int(transfer.get("bytes_done") or 0), int(transfer.get("bytes_total") or 0)
-    if total:
-        frac = min(done / total, 1.0)
-        filled = int(frac * BAR_WIDTH)
-        bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        return f"[{bar}] {frac * 100:3.0f}%  {done / 1e6:,.1f}/{_mb(total)}  {rate / 1e6:,.1f} MB/s"
-    return f"[{'.' * BAR_WIDTH}]  preparing (the source hashes the files)  {_mb(done)}"
-
-
-def _lookup(client: AdminClient, node: str, transfer_id: str) -> dict[str, Any] | None:
-    """The transfer's current record, or None while the coordinator does not show it."""
-    try:
-        body = client.get(f"/api/transfers/{quote(transfer_id, safe='')}")
-    except AdminError as exc:
-        if "HTTP 404" not in str(exc):
-            raise
-    else:
-        record = body.get("transfer", body) if isinstance(body, dict) else None
-        if isinstance(record, dict) and "state" in record:
-            return record
-    for view in client.get("/api/nodes").get("nodes", []):
-        if node in (view.get("id"), view.get("address")):
-            for t in view.get("transfers") or []:
-                if t.get("id") == transfer_id:
-                    return dict(t)
-    return None
-
-
-def follow(
-    client: AdminClient, node: str, transfer: dict[str, Any], *, show: bool
-) -> dict[str, Any]:
-    """Poll until the transfer is done or failed; a progress bar on stderr when `show`."""
-    tty = show and sys.stderr.isatty()
-    first_seen: tuple[float, int] | None = None
-    unseen_since = time.monotonic()
-    rate = 0.0
-    while transfer.get("state") == "running":
-        time.sleep(POLL_SECONDS)
-        record = _lookup(client, node, str(transfer["id"]))
-        now = time.monotonic()
-        if record is None:
-            if now - unseen_since > UNSEEN_GRACE_SECONDS:
-                raise AdminError(
-                    f"the coordinator does not show transfer {transfer['id']} of node {node}"
-                )
-            continue
-        unseen_since = now
-        transfer = record
-        done = int(transfer.get("bytes_done") or 0)
-        if first_seen is None or not first_seen[1]:  # the rate counts from the first bytes
-            first_seen = (now, done)
-        elif now > first_seen[0] and transfer.get("state") == "running":
-            rate = (done - first_seen[1]) / (now - first_seen[0])
-        if tty:
-            print("\r" + progress_line(transfer, rate), end="", file=sys.stderr, flush=True)
-    if tty:
-        print(file=sys.stderr)
-    return transfer
 
 
 def cmd_models_copy(args: argparse.Namespace) -> int:
@@ -106,7 +39,12 @@ def cmd_models_copy(args: argparse.Namespace) -> int:
         if args.no_wait:
             print(json.dumps(started, indent=2) if args.json else f"copying: {transfer['id']}")
             return 0
-        transfer = follow(client, node, transfer, show=not args.json)
+        bar = None if args.json else ProgressBar(sys.stderr)
+        try:
+            transfer = follow(client, transfer, bar)
+        finally:
+            if bar is not None:
+                bar.close()
     except AdminError as exc:
         print(f"macmesh: {exc}", file=sys.stderr)
         return 1

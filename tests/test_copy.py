@@ -626,11 +626,12 @@ async def test_rm_refuses_config_named_and_built_in_models(
 
 
 def test_cli_progress_line() -> None:
-    from macmesh.cli_copy import progress_line
+    from macmesh.transfer_progress import progress_line
 
-    line = progress_line({"bytes_done": 41_200_000, "bytes_total": 98_400_000}, 35_100_000)
-    assert line == "[##########..............]  42%  41.2/98.4 MB  35.1 MB/s"
-    assert "preparing" in progress_line({"bytes_done": 0, "bytes_total": None}, 0)
+    t = {"bytes_done": 41_200_000, "bytes_total": 98_400_000, "model": "m"}
+    line = progress_line(t, 35_100_000)
+    assert line == "[############..................]  41.9%  41.2/98.4 MB  35.1 MB/s  m"
+    assert "preparing" in progress_line({"bytes_done": 0, "bytes_total": None}, None)
 
 
 def test_cli_help_lists_copy_and_rm() -> None:
