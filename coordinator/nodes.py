@@ -229,17 +229,17 @@ class NodeRegistry:
                     best[v.node_id] = v
         return list(best.values())
 
-    def find(self, node: str) -> NodeView:
+    def find(self, node: str, field: str = "node") -> NodeView:
         """The online node with id or address `node` (what `--node` flags name).
 
-        Raises InvalidRequest naming the online nodes when there is none.
+        Raises InvalidRequest naming `field` and the online nodes when there is none.
         """
         online = self.online()
         for view in online:
             if node in (view.node_id, view.target):
                 return view
         names = ", ".join(sorted(v.node_id for v in online)) or "none"
-        raise InvalidRequest(f"no online node {node!r} (online: {names})", field="node")
+        raise InvalidRequest(f"no online node {node!r} (online: {names})", field=field)
 
     def served_models(self) -> dict[str, list[NodeView]]:
         """Model id -> online nodes that can serve it (loaded or loadable)."""

@@ -96,16 +96,29 @@ def start_smollm2_node(home: Path, models_dir: Path, **config: Any) -> RunningNo
     )
 
 
-def start_sim_node(home: Path, spec: SimModelSpec, cache: CacheConfig | None = None) -> RunningNode:
-    """A node serving one SIMULATED model from its own home (no real models)."""
+def start_sim_node(
+    home: Path,
+    *specs: SimModelSpec | str,
+    cache: CacheConfig | None = None,
+    node_id: str | None = None,
+    memory_budget: int | None = None,
+) -> RunningNode:
+    """A node serving SIMULATED models (specs or `--sim-model` strings) from its own home,
+    with a fixed `node_id` and a memory budget (bytes) when given."""
+    home.mkdir(parents=True, exist_ok=True)
+    if node_id is not None:
+        (home / "node_id").write_text(node_id + "\n")
     return start_node(
         NodeConfig(
             grpc_port=0,
             home=home,
             models_dir=home / "models",
             scan_hf_cache=False,
-            sim_models=(spec,),
+            sim_models=tuple(
+                s if isinstance(s, SimModelSpec) else SimModelSpec.parse(s) for s in specs
+            ),
             cache=cache or CacheConfig(),
+            memory_budget=memory_budget,
         )
     )
 

@@ -127,7 +127,7 @@ def sim_nodes(tmp_path: Path) -> Iterator[list[RunningNode]]:
     """3 simulated nodes (fast prefill), 4 cache slots each: 9 groups overflow any one node."""
     cache = CacheConfig(block_size=64, min_reuse=128, max_slots=4)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 5000, 200, 32768), cache)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 5000, 200, 32768), cache=cache)
         for i in range(3)
     ]
     yield nodes

@@ -29,7 +29,7 @@ def mesh(tmp_path: Path) -> Iterator[tuple[list[RunningNode], RunningCoordinator
     # One slot: a second prefix evicts the first.
     cache = CacheConfig(block_size=64, min_reuse=128, max_slots=1)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache=cache)
         for i in range(3)
     ]
     coord = start_coordinator(
@@ -107,7 +107,7 @@ async def test_a_burst_of_new_prefixes_spreads_before_any_node_reports(
 def test_round_robin_and_least_loaded_ignore_the_cache(tmp_path: Path) -> None:
     cache = CacheConfig(block_size=64, min_reuse=64)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 2000, 32768), cache=cache)
         for i in range(2)
     ]
     coord = start_coordinator(
@@ -187,7 +187,7 @@ def test_a_long_answer_leaves_a_busy_batch_when_the_prefix_is_cheap(tmp_path: Pa
     a 128-token one copies the cheap prefix (~60 ms of prefill) to the idle node."""
     cache = CacheConfig(block_size=64, min_reuse=128)
     nodes = [
-        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 100, 32768), cache)
+        start_sim_node(tmp_path / f"n{i}", SimModelSpec(MODEL, 20_000, 100, 32768), cache=cache)
         for i in range(2)
     ]
     coord = start_coordinator(

@@ -16,7 +16,6 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from mesh.errors import InvalidRequest
 from node.backends.sim import SimBackend
-from node.config import NodeConfig, SimModelSpec
 from routing.aliases import lifetime_entries, parse_aliases, parse_claude_routing
 from routing.placement import (
     Lifetime,
@@ -28,7 +27,7 @@ from routing.placement import (
     parse_model_settings,
     place,
 )
-from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_sim_node
 
 GB = 2**30
 
@@ -142,18 +141,7 @@ def test_model_settings_errors_name_the_field(data: object, field: str) -> None:
 
 
 def sim_node(home: Path, node_id: str, budget_gb: float, *specs: str) -> RunningNode:
-    home.mkdir(parents=True)
-    (home / "node_id").write_text(node_id + "\n")
-    return start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=home,
-            models_dir=home / "models",
-            scan_hf_cache=False,
-            memory_budget=int(budget_gb * GB),
-            sim_models=tuple(SimModelSpec.parse(s) for s in specs),
-        )
-    )
+    return start_sim_node(home, *specs, node_id=node_id, memory_budget=int(budget_gb * GB))
 
 
 @pytest.fixture

@@ -14,8 +14,13 @@ import httpx
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from node.config import NodeConfig, SimModelSpec
-from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+from node.config import SimModelSpec
+from tests.conftest import (
+    RunningCoordinator,
+    RunningNode,
+    start_coordinator,
+    start_sim_node,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Names a careless page would turn into markup that runs script.
@@ -31,19 +36,7 @@ needs_browser = pytest.mark.skipif(
 
 
 def _node(home: Path, spec: str | SimModelSpec, node_id: str | None = None) -> RunningNode:
-    home.mkdir(parents=True, exist_ok=True)
-    if node_id is not None:
-        (home / "node_id").write_text(node_id + "\n")
-    sim = spec if isinstance(spec, SimModelSpec) else SimModelSpec.parse(spec)
-    return start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=home,
-            models_dir=home / "models",
-            scan_hf_cache=False,
-            sim_models=(sim,),
-        )
-    )
+    return start_sim_node(home, spec, node_id=node_id)
 
 
 def _stop(coordinator: RunningCoordinator) -> None:

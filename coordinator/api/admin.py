@@ -18,14 +18,13 @@ Routes (seed-compatible where MLX Studio had one):
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from coordinator.api.common import openai_error
+from coordinator.api.common import json_body, openai_error
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
@@ -45,13 +44,6 @@ def _settings(request: Request) -> SettingsStore:
     return settings
 
 
-async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-
-
 def _replace(request: Request, name: str, data: Any) -> JSONResponse:
     try:
         saved = _settings(request).replace(name, data)
@@ -69,7 +61,7 @@ async def get_aliases(request: Request) -> JSONResponse:
 @router.put("/aliases")
 async def put_aliases(request: Request) -> JSONResponse:
     try:
-        data = await _json(request)
+        data = await json_body(request)
     except MeshError as err:
         return openai_error(err)
     if isinstance(data, dict) and set(data) == {"aliases"}:
@@ -80,7 +72,7 @@ async def put_aliases(request: Request) -> JSONResponse:
 @router.post("/aliases")
 async def set_alias(request: Request) -> JSONResponse:
     try:
-        data = await _json(request)
+        data = await json_body(request)
         if not isinstance(data, dict) or not isinstance(data.get("alias"), str):
             raise InvalidRequest("expected {'alias': ..., 'model': ...}", field="alias")
         target = data.get("model", data.get("model_path"))
@@ -111,7 +103,7 @@ async def get_routing(request: Request) -> JSONResponse:
 @router.api_route("/routing/config", methods=["PUT", "POST"])
 async def put_routing(request: Request) -> JSONResponse:
     try:
-        data = await _json(request)
+        data = await json_body(request)
     except MeshError as err:
         return openai_error(err)
     if isinstance(data, dict):
@@ -149,7 +141,7 @@ async def get_inference(request: Request) -> JSONResponse:
 @router.put("/inference-settings")
 async def put_inference(request: Request) -> JSONResponse:
     try:
-        data = await _json(request)
+        data = await json_body(request)
     except MeshError as err:
         return openai_error(err)
     if isinstance(data, dict):

@@ -24,6 +24,35 @@ from mesh.types import GenerateEvent
 
 M = TypeVar("M", bound=BaseModel)
 
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON; InvalidRequest when it is not (the admin routes' bodies)."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+async def json_object(request: Request, expected: str = "expected a JSON object") -> dict[str, Any]:
+    """The request body as a JSON object; InvalidRequest saying `expected` otherwise."""
+    data = await json_body(request)
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest(expected)
+    return data
+
+
+def str_field(data: dict[str, Any], key: str, *, required: bool = False) -> str:
+    """`data[key]` as a string ("" when absent and optional); InvalidRequest naming `key`."""
+    value = data.get(key)
+    if value is None or value == "":
+        if required:
+            raise errors.InvalidRequest("field required", field=key)
+        return ""
+    if not isinstance(value, str):
+        raise errors.InvalidRequest("must be a string", field=key)
+    return value
+
+
 # Seconds a client should wait before retrying when no node can serve.
 RETRY_AFTER_SECONDS = 5
 

@@ -21,15 +21,13 @@ or repo 404, an unreachable Hub or no online node 503.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.api.admin import transfer_json
-from coordinator.api.common import openai_error
+from coordinator.api.common import json_object, openai_error, str_field
 from coordinator.hub_search import KINDS, MAX_LIMIT, repo_files, search_hub
 from coordinator.nodes import NodeRegistry, NodeView
 from mesh.errors import InvalidRequest, MeshError, Unavailable, from_code
@@ -69,32 +67,16 @@ def _pull_node(registry: NodeRegistry, node: str | None) -> NodeView:
     raise InvalidRequest(f"{len(online)} nodes are online ({names}): say which", field="node")
 
 
-def _optional_str(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequest("must be a string", field=key)
-    return value
-
-
 @router.post("/models/pull", status_code=202)
 async def pull_model(request: Request) -> JSONResponse:
     """Start downloading a Hub repo (or one file of it) onto a node."""
     registry = _registry(request)
     try:
-        try:
-            data = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest('expected a JSON object: {"repo": "ORG/NAME", ...}')
-        repo = _optional_str(data, "repo")
-        if not repo:
-            raise InvalidRequest("field required", field="repo")
-        view = _pull_node(registry, _optional_str(data, "node"))
+        data = await json_object(request, 'expected a JSON object: {"repo": "ORG/NAME", ...}')
+        repo = str_field(data, "repo", required=True)
+        view = _pull_node(registry, str_field(data, "node"))
         transfer = await view.client.pull_model(
-            repo, _optional_str(data, "file"), _optional_str(data, "revision")
+            repo, str_field(data, "file"), str_field(data, "revision")
         )
     except MeshError as err:
         return openai_error(err)

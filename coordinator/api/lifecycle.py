@@ -11,14 +11,13 @@ and `model_settings.json` (idle TTLs and pins).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from coordinator.api.common import openai_error
+from coordinator.api.common import json_body, json_object, openai_error, str_field
 from coordinator.nodes import NodeView
 from coordinator.service import ChatService
 from mesh.errors import InvalidRequest, MeshError, Unavailable
@@ -32,20 +31,10 @@ def _service(request: Request) -> ChatService:
     return service
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("expected a JSON object")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("field required: a model name", field="model")
-    node = data.get("node")
-    if node is not None and not isinstance(node, str):
-        raise InvalidRequest("must be a node id or address", field="node")
-    return data
+async def _body(request: Request) -> tuple[str, str | None]:
+    """`{"model", "node"?}`: the model name and the node, if one was named."""
+    data = await json_object(request)
+    return str_field(data, "model", required=True), str_field(data, "node") or None
 
 
 def _views(service: ChatService, model: str, node: str | None) -> list[NodeView]:
@@ -63,9 +52,9 @@ async def load(request: Request) -> JSONResponse:
     """Load a model where placement picks (evicting idle models if needed), or on `node`."""
     service = _service(request)
     try:
-        data = await _body(request)
-        res = service.resolve(data["model"])
-        views = _views(service, res.model, data.get("node"))
+        name, node = await _body(request)
+        res = service.resolve(name)
+        views = _views(service, res.model, node)
         service.candidates(res)  # the right error when no node has it
         loaded_on = [v for v in views if (i := v.model(res.model)) is not None and i.loaded]
         if loaded_on:
@@ -93,9 +82,9 @@ async def unload(request: Request) -> JSONResponse:
     requests there (new ones go to other nodes meanwhile)."""
     service = _service(request)
     try:
-        data = await _body(request)
-        res = service.resolve(data["model"])
-        views = _views(service, res.model, data.get("node"))
+        name, node = await _body(request)
+        res = service.resolve(name)
+        views = _views(service, res.model, node)
         targets = [v for v in views if (i := v.model(res.model)) is not None and i.loaded]
         results = await asyncio.gather(
             *(v.client.unload_model(res.model) for v in targets), return_exceptions=True
@@ -151,12 +140,10 @@ async def get_model_settings(request: Request) -> JSONResponse:
 async def put_model_settings(request: Request) -> JSONResponse:
     settings = _service(request).settings
     try:
-        data = json.loads(await request.body())
+        data = await json_body(request)
         if isinstance(data, dict):
             data.pop("error", None)  # what GET adds
         saved = settings.replace("models", data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return openai_error(InvalidRequest(f"request body is not valid JSON: {exc}"))
     except MeshError as err:
         return openai_error(err)
     return JSONResponse({"status": "updated", "models": saved})

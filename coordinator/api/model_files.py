@@ -14,7 +14,6 @@ them in the registry and maps errors, once, to the admin API's envelope.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -22,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.api.admin import transfer_json
-from coordinator.api.common import openai_error
+from coordinator.api.common import json_object, openai_error, str_field
 from coordinator.nodes import NodeRegistry
 from mesh.errors import InvalidRequest, MeshError, ModelLoadError, Overloaded
 
@@ -46,13 +45,6 @@ def _error(err: MeshError, *, copying: bool = False) -> JSONResponse:
     return response
 
 
-def _str(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest("field required", field=key)
-    return value
-
-
 def _limit(data: dict[str, Any]) -> int:
     """`limit_mbps` (MB/s, 1 MB = 10^6 bytes) as bytes per second; 0 = no cap."""
     value = data.get("limit_mbps")
@@ -70,22 +62,11 @@ async def copy_model(request: Request) -> JSONResponse:
     """Start copying a model's files from one node to another."""
     registry = _registry(request)
     try:
-        try:
-            data = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("expected a JSON object")
-        model = _str(data, "model")
+        data = await json_object(request)
+        model = str_field(data, "model", required=True)
         limit = _limit(data)
-        try:
-            source = registry.find(_str(data, "from"))
-        except InvalidRequest as exc:
-            raise InvalidRequest(exc.message.removeprefix("node: "), field="from") from None
-        try:
-            dest = registry.find(_str(data, "to"))
-        except InvalidRequest as exc:
-            raise InvalidRequest(exc.message.removeprefix("node: "), field="to") from None
+        source = registry.find(str_field(data, "from", required=True), field="from")
+        dest = registry.find(str_field(data, "to", required=True), field="to")
         if source.node_id == dest.node_id:
             raise InvalidRequest(f"{source.node_id} is both source and destination", field="to")
         transfer = await dest.client.copy_model(model, source.target, source.node_id, limit)
