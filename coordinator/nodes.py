@@ -57,7 +57,8 @@ class NodeView:
             return "rejected"
         if self.state is None:
             return "offline" if self.error else "connecting"
-        if self.state.draining:
+        fresh = time.monotonic() - self.last_seen < stale_after
+        if self.state.draining and fresh:  # a stopped node's last word was "draining"
             return "draining"
         return "online" if self.online(stale_after) else "offline"
 

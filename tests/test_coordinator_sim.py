@@ -195,3 +195,19 @@ def test_status_command(mesh: tuple[RunningNode, RunningCoordinator]) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert down.returncode == 1 and "cannot reach the coordinator" in down.stderr
+
+
+def test_a_stopped_node_shows_offline_not_draining(
+    mesh: tuple[RunningNode, RunningCoordinator],
+) -> None:
+    """Its last state said "draining" (it was shutting down); once gone it is offline."""
+    node, coord = mesh
+    node.stop()
+    deadline = time.monotonic() + 10
+    while True:
+        (view,) = httpx.get(coord.base_url + "/api/nodes", timeout=10).json()["nodes"]
+        if view["status"] == "offline":
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+    assert view["draining"] is True  # what it last reported, kept for the record
