@@ -236,7 +236,7 @@ class ChatService:
         placed = ""
         if cold:  # load it where it fits first (the node's report may lag: only there)
             loaded = await self.placer.ensure_loaded(res, views)
-            views, placed = [loaded.node], f"{loaded.node.node_id}: {loaded.why}"
+            views, placed = [loaded.node], loaded.why  # `why` names the node
         renderer = views[0] if cold else self._another(res, set())
         assert renderer is not None
         inference = self.settings.inference()
@@ -479,5 +479,5 @@ class ChatService:
                 sampling.max_tokens,
                 outcome,
                 time.perf_counter() - t0,
-                f"; placed on {prepared.placement}" if prepared.placement else "",
+                f"; placed: {prepared.placement}" if prepared.placement else "",
             )

@@ -160,6 +160,8 @@ def test_models_page_loads_a_model(mesh: dict[str, Any], page: Any) -> None:
     row = page.locator('tr[data-node="node-b"]')
     row.wait_for(timeout=10_000)
     assert row.locator(".state").inner_text() == "on disk"
+    # The estimate shows while it is only on disk (the sim model declares 1 GiB).
+    assert row.locator("td").nth(5).inner_text() == "1.0 GiB"
     assert page.locator("#models").inner_text().count(HOSTILE_MODEL) == 1
     row.locator("button[data-action=load]").click()
     page.wait_for_function(

@@ -202,7 +202,7 @@ function modelsPage() {
           el("td", {}, m.id), el("td", {}, n.id),
           el("td", { class: n.loaded ? "state loaded" : "state" }, n.loaded ? "loaded" : "on disk"),
           el("td", {}, m.backend), el("td", {}, bytes(m.size_bytes)),
-          el("td", {}, bytes(n.memory_bytes ?? m.estimated_bytes)),
+          el("td", {}, bytes(m.estimated_bytes)),
           el("td", {}, n.idle_seconds === null ? "–" : `${num(n.idle_seconds, 0)} s`),
           el("td", {}, m.ttl === null || m.ttl === undefined ? "–" : `${m.ttl} s`),
           el("td", {}, m.pin ? "yes" : "–"),
