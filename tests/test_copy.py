@@ -519,7 +519,8 @@ class _FlakyLink:
             data = self.data[pos : pos + 1000]
             chunk = pb.FileChunk(data=data, offset=pos, crc32=zlib.crc32(data))
             if pos == 3000 and damage:
-                chunk.data = b"X" + data[1:]
+                # Flip the first byte (a fixed b"X" left 1 random byte in 256 intact).
+                chunk.data = bytes([data[0] ^ 0xFF]) + data[1:]
             yield chunk
 
 

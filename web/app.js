@@ -217,18 +217,10 @@ function modelsPage() {
   return () => clearInterval(timer);
 }
 
-function comingPage(name) {
-  main.replaceChildren(el("h2", {}, name), el("p", { class: "muted" }, `${name}: coming.`));
-  return () => {};
-}
-
 // ---- Routing between pages (history API; the server serves index.html for /ui/*).
 const PAGES = {
   mesh: meshPage,
   models: modelsPage,
-  chat: () => comingPage("Chat"),
-  routing: () => comingPage("Routing"),
-  requests: () => comingPage("Requests"),
 };
 let leave = () => {};
 
