@@ -38,7 +38,7 @@ from node.backends.registry import FACTORIES
 from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
-from node.models.copy import start_copy
+from node.models.copy import resume_copies, start_copy
 from node.models.files import delete_model, model_manifest, read_model_file
 from node.models.named import NamedPaths
 from node.models.transfers import Transfers
@@ -110,6 +110,7 @@ class NodeCore:
         self._active: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         self._unloading: set[str] = set()
+        self._resuming: asyncio.Task[int] | None = None
         context = BackendContext(config, self.catalog, self.notify)
         # In lookup order (node.backends.registry); each backend's `name` is the
         # catalog's `backend` value for the models it serves.
@@ -142,6 +143,8 @@ class NodeCore:
                 loop.call_soon_threadsafe(self.notify)
 
         self.catalog.start(changed)
+        # Copies a stop interrupted go on by themselves (their sources may take a while).
+        self._resuming = asyncio.create_task(resume_copies(self), name="resume copies")
 
     def push_model_paths(self, paths: Sequence[str]) -> int:
         """A coordinator's config paths, served where they exist; token for withdrawal."""
@@ -423,5 +426,7 @@ class NodeCore:
         """Drain: refuse new requests, give in-flight ones `grace` s, free models."""
         self.draining = True
         self.notify()
+        if self._resuming is not None:
+            self._resuming.cancel()
         await asyncio.gather(*(b.close(grace) for b in self.backends))
         await asyncio.to_thread(self.catalog.stop)

@@ -459,6 +459,40 @@ async def test_damaged_partial_file_is_caught_and_fetched_again(
         node.stop()
 
 
+@pytest.mark.model
+async def test_a_node_restarted_mid_copy_resumes_it_by_itself(
+    source: RunningNode, models_dir: Path, tmp_path: Path, spy: ReadSpy
+) -> None:
+    """No new request: the restarted node finds the unfinished copy in its staging dir
+    and continues it from the partial file, at the same bandwidth cap."""
+    config = dest_config(tmp_path, "r")
+    weights = "model.safetensors"
+    node = start_node(config)
+    try:
+        async with NodeClient(node.target) as client:
+            started = await client.copy_model(SMOL, source.target, "node-a", 25_000_000)
+        await _progress(node.target, started.id, 30_000_000)
+    finally:
+        node.stop()
+    kept = (staging_dir(config.resolved_models_dir, SMOL) / "data" / weights).stat().st_size
+    spy.reset()
+    node = start_node(config)
+    try:
+        async with NodeClient(node.target) as client:
+            async with asyncio.timeout(60):
+                async for state in client.watch_state(100):
+                    resumed = [t for t in state.transfers if t.model == SMOL]
+                    if resumed and resumed[0].state != "running":
+                        break
+        assert resumed[0].state == "done", resumed[0].error
+        assert resumed[0].id != started.id  # a new job, started by the node itself
+        assert (weights, kept) in spy.calls and (weights, 0) not in spy.calls
+        models = config.resolved_models_dir
+        assert tree_digest(models / SMOL) == tree_digest(models_dir / SMOL)
+    finally:
+        node.stop()
+
+
 async def test_source_file_changed_after_its_manifest_fails_with_checksum_mismatch(
     models_dir: Path, tmp_path: Path
 ) -> None:

@@ -18,8 +18,10 @@ CRC-32 and SHA-256 run in worker threads:
    never sees half a model.
 
 Resume: the staging dir keeps the partial files and the manifest they belong
-to (`copy.json`). The next copy request of the model (after a failure, a
-restart, a kill) continues each file from its current size, re-hashing the
+to (`copy.json`, with the source's address and the bandwidth cap). A node that
+starts with unfinished copies starts them again itself (`resume_copies`), and
+so does the next copy request of the model (after a failure, a restart, a
+kill); either continues each file from its current size, re-hashing the
 prefix it has; files whose manifest entry changed start over. A resumed file
 whose final SHA-256 does not match (its prefix was damaged) is fetched once
 more from the start; a mismatch on a fresh fetch fails the copy ("checksum
@@ -36,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -60,8 +63,22 @@ from mesh.errors import (
 )
 from mesh.types import ModelInfo, Transfer
 from node.config import NodeConfig
-from node.models.files import NodeParts, hash_prefix, hub_dir, staging_dir, staging_roots
-from node.models.staging import CopyFailed, ManifestFile, Staging, check_room, safe_rel
+from node.models.files import (
+    PARTIAL_DIR,
+    NodeParts,
+    hash_prefix,
+    hub_dir,
+    staging_dir,
+    staging_roots,
+)
+from node.models.staging import (
+    STATE_FILE,
+    CopyFailed,
+    ManifestFile,
+    Staging,
+    check_room,
+    safe_rel,
+)
 from node.models.transfers import TransferJob
 
 log = logging.getLogger(__name__)
@@ -145,6 +162,31 @@ async def start_copy(
     copy = CopyJob(node, job, model, source, source_address, root, max_bps)
     job.task = asyncio.create_task(copy.run(), name=f"copy {model}")
     return job.record
+
+
+async def resume_copies(node: NodeParts) -> int:
+    """Start again every copy a stop interrupted, from its staging record (the source's
+    address as last used); returns how many started. One that cannot start (the source
+    is gone, the model got here meanwhile) is logged; its partial files stay for the
+    next request, `macmesh models rm`, or the week-old cleanup."""
+    started = 0
+    for root in staging_roots(node.config):
+        for state_file in sorted((root / PARTIAL_DIR).glob(f"*/{STATE_FILE}")):
+            try:
+                state = json.loads(state_file.read_text())
+                model, address = str(state["model"]), str(state["address"])
+                source, max_bps = str(state.get("source", "")), int(state.get("max_bps", 0))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("copy: unreadable %s (%s); not resumed", state_file, exc)
+                continue
+            try:
+                await start_copy(node, model, address, source, max_bps)
+            except MeshError as exc:
+                log.warning("copy: cannot resume %r from %s: %s", model, source, exc.message)
+                continue
+            log.info("copy: resuming %r from %s", model, source)
+            started += 1
+    return started
 
 
 async def _source_model(config: NodeConfig, model: str, source: str, address: str) -> ModelInfo:
@@ -291,6 +333,7 @@ class CopyJob:
             record = {
                 "source": self.source,
                 "address": self.address,
+                "max_bps": self.bucket.rate,
                 "layout": manifest.layout,
                 "repo": manifest.repo,
                 "revision": manifest.revision,
