@@ -27,6 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE_NODE = "n<img src=x onerror=window.__xss=1>"
 HOSTILE_MODEL = "m<img src=x onerror=window.__xss=2>"
 LAZY = "lazy-sim:5000:50,mem=1,load=0.2"  # starts unloaded; loads in 0.2 s
+SLOW = "slow-sim:5000:20"  # 20 tok/s: long enough to stop mid-answer
 KEY = "sk-ui-test"
 
 needs_browser = pytest.mark.skipif(
@@ -49,7 +50,9 @@ def _stop(coordinator: RunningCoordinator) -> None:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("web-mesh")
-    hostile = _node(root / "a", SimModelSpec(HOSTILE_MODEL, 5000, 50), HOSTILE_NODE)
+    hostile = start_sim_node(
+        root / "a", SimModelSpec(HOSTILE_MODEL, 5000, 50), SLOW, node_id=HOSTILE_NODE
+    )
     lazy = _node(root / "b", LAZY, "node-b")
     peers = (hostile.target, lazy.target)
     open_coord = start_coordinator(CoordinatorConfig(home=root / "c1", peers=peers), wait_nodes=2)
@@ -181,6 +184,95 @@ def test_api_key_prompt(mesh: dict[str, Any], page: Any) -> None:
     page.click("#key-form button")
     page.wait_for_function("document.querySelectorAll('article.card').length === 2")
     assert page.locator("#key-form").is_hidden()
+
+
+def _chat(page: Any, model: str, text: str, max_tokens: int) -> Any:
+    """Send one turn from the Chat page; the new assistant answer's locator."""
+    page.select_option("#chat-model", value=model)
+    page.fill("#chat-max-tokens", str(max_tokens))
+    page.fill("#chat-input", text)
+    before = page.locator(".msg.assistant").count()
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant").nth(before)
+    answer.wait_for(timeout=5_000)
+    return answer
+
+
+@needs_browser
+def test_chat_streams_an_answer_with_its_route(mesh: dict[str, Any], page: Any) -> None:
+    base = mesh["open"].base_url
+    r = httpx.put(base + "/api/routing/config", json={"tiers": {"haiku": "slow-sim"}})
+    assert r.status_code == 200, r.text
+    page.goto(base + "/ui/chat")
+    page.locator('#chat-model option[value="claude-haiku"]').wait_for(state="attached")
+    assert page.locator('#chat-model option[value="claude-haiku"]').inner_text() == (
+        "claude haiku → slow-sim"
+    )
+    page.locator(f'#chat-model option[value="{HOSTILE_MODEL}"]').wait_for(state="attached")
+    answer = _chat(page, HOSTILE_MODEL, "hello", 12)
+    page.wait_for_selector(".msg.assistant.done", timeout=10_000)
+    words = answer.locator(".answer").inner_text().split()
+    assert len(words) >= 3, words
+    meta = answer.locator(".meta").inner_text()
+    assert f"node {HOSTILE_NODE}" in meta and "route " in meta
+    assert "prompt " in meta and "cached)" in meta and "completion 12 tokens" in meta
+    assert "TTFT" in meta and "tok/s" in meta
+    assert page.locator("#chat-resolve").inner_text().startswith("on ")
+    # A second turn carries the first (the prompt grows).
+    answer2 = _chat(page, HOSTILE_MODEL, "again", 4)
+    page.wait_for_function("document.querySelectorAll('.msg.assistant.done').length === 2")
+    assert "completion 4 tokens" in answer2.locator(".meta").inner_text()
+    assert page.evaluate("document.querySelectorAll('main img').length") == 0
+    assert page.evaluate("window.__xss") is None
+
+
+@needs_browser
+def test_chat_stop_aborts_and_the_next_turn_works(mesh: dict[str, Any], page: Any) -> None:
+    page.goto(mesh["open"].base_url + "/ui/chat")
+    page.locator('#chat-model option[value="slow-sim"]').wait_for(state="attached")
+    answer = _chat(page, "slow-sim", "tell me a long story", 4000)
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .answer').textContent.split(' ').length > 3",
+        timeout=10_000,
+    )
+    t0 = time.monotonic()
+    page.click("#chat-stop")
+    page.wait_for_selector(".msg.assistant.stopped", timeout=5_000)
+    assert time.monotonic() - t0 < 3
+    assert "stopped" in answer.locator(".meta").inner_text()
+    assert page.locator("#chat-stop").is_disabled()
+    answer2 = _chat(page, HOSTILE_MODEL, "short one", 5)
+    page.wait_for_selector(".msg.assistant.done", timeout=10_000)
+    assert "completion 5 tokens" in answer2.locator(".meta").inner_text()
+
+
+@needs_browser
+def test_chat_markdown_renderer_cannot_inject_html(mesh: dict[str, Any], page: Any) -> None:
+    page.goto(mesh["open"].base_url + "/ui/chat")
+    hostile = (
+        "<img src=x onerror=window.__xss=1> **bold** and `x<b>y</b>`\n\n"
+        "- one\n- <script>window.__xss=3</script>\n\n"
+        "```html\n<script>window.__xss=2</script>\n```\n<think>not thinking</think>"
+    )
+    tags = page.evaluate(
+        """async (text) => {
+            const { renderMarkdown } = await import('/ui/static/app.js');
+            const box = document.createElement('div');
+            box.id = 'md';
+            box.append(renderMarkdown(text));
+            document.body.append(box);
+            await new Promise((r) => setTimeout(r, 200));
+            return [...box.querySelectorAll('*')].map((e) => e.tagName.toLowerCase());
+        }""",
+        hostile,
+    )
+    assert "img" not in tags and "script" not in tags and "b" not in tags and "think" not in tags
+    assert {"p", "strong", "code", "pre", "ul", "li"} <= set(tags)
+    md = page.locator("#md")
+    assert md.locator("strong").inner_text() == "bold"
+    assert md.locator("pre code").inner_text() == "<script>window.__xss=2</script>"
+    assert "<img src=x onerror=window.__xss=1>" in md.locator("p").first.inner_text()
+    assert page.evaluate("window.__xss") is None
 
 
 @needs_browser
