@@ -17,6 +17,7 @@ from mesh.client import NodeClient
 from node.app import NodeServer
 from node.backends.mlx import MLXBackend
 from node.config import CacheConfig, NodeConfig, SimModelSpec
+from tests.browser import browser, page  # noqa: F401  (fixtures for every module)
 
 # Tests never touch the user's real state or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

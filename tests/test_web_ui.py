@@ -15,14 +15,13 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from node.config import SimModelSpec
+from tests.browser import needs_browser, stop_coordinator
 from tests.conftest import (
-    RunningCoordinator,
     RunningNode,
     start_coordinator,
     start_sim_node,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 # Names a careless page would turn into markup that runs script.
 HOSTILE_NODE = "n<img src=x onerror=window.__xss=1>"
 HOSTILE_MODEL = "m<img src=x onerror=window.__xss=2>"
@@ -30,21 +29,9 @@ LAZY = "lazy-sim:5000:50,mem=1,load=0.2"  # starts unloaded; loads in 0.2 s
 SLOW = "slow-sim:5000:20"  # 20 tok/s: long enough to stop mid-answer
 KEY = "sk-ui-test"
 
-needs_browser = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="no /usr/bin/chromium (run `make chromium`: apt-get install chromium, as root)",
-)
-
 
 def _node(home: Path, spec: str | SimModelSpec, node_id: str | None = None) -> RunningNode:
     return start_sim_node(home, spec, node_id=node_id)
-
-
-def _stop(coordinator: RunningCoordinator) -> None:
-    # Open event streams would hold uvicorn's graceful shutdown forever (the real server
-    # sets timeout_graceful_shutdown; the test one does not).
-    coordinator.server.force_exit = True
-    coordinator.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,35 +49,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     mesh_state: dict[str, Any] = {"hostile": hostile, "lazy": lazy, "open": open_coord}
     mesh_state.update(keyed=keyed, root=root)
     yield mesh_state
-    _stop(open_coord)
-    _stop(keyed)
+    stop_coordinator(open_coord)
+    stop_coordinator(keyed)
     if not mesh_state.get("lazy_stopped"):
         lazy.stop(0)
     hostile.stop(0)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium (run `make chromium`: apt-get install chromium, as root)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless=new", "--no-sandbox"]
-        )
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    # Playwright's polling predicates are evaluated strings, which the page's CSP forbids;
-    # without the CSP the escaping checks below also rest on the DOM code alone.
-    context = browser.new_context(bypass_csp=True)
-    pg = context.new_page()
-    yield pg
-    context.close()
 
 
 def test_root_answers_json_to_clients_and_html_to_browsers(mesh: dict[str, Any]) -> None:
@@ -294,7 +257,7 @@ def test_offline_node_and_reconnect(
     page.locator('article.card.offline[data-node="node-b"]').wait_for(timeout=15_000)
     assert "offline" in page.locator('article[data-node="node-b"] .badge').inner_text()
     assert time.monotonic() - t0 < 12
-    _stop(coord)
+    stop_coordinator(coord)
     page.wait_for_function(
         "document.getElementById('conn').textContent.includes('reconnecting')", timeout=10_000
     )
