@@ -13,12 +13,23 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from coordinator.api import admin, anthropic, hub, lifecycle, model_files, openai, prometheus, web
+from coordinator.api import (
+    admin,
+    anthropic,
+    hub,
+    lifecycle,
+    model_files,
+    openai,
+    prometheus,
+    requests,
+    web,
+)
 from coordinator.api.common import anthropic_error, openai_error
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.nodes import NodeRegistry
 from coordinator.peers import StaticPeers
+from coordinator.request_log import RequestLog
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from mesh.auth import channel_credentials
@@ -104,7 +115,13 @@ def create_app(
     settings = SettingsStore(config.home, default_model=config.default_model)
     metrics_registry = new_registry() if metrics_registry is None else metrics_registry
     metrics = CoordinatorMetrics(metrics_registry, registry)
-    service = ChatService(registry, settings, policy=config.routing_policy, metrics=metrics)
+    service = ChatService(
+        registry,
+        settings,
+        policy=config.routing_policy,
+        metrics=metrics,
+        requests=RequestLog(config.request_log_size),
+    )
     peers = StaticPeers(config.home, config.peers, registry)
 
     async def follow_model_paths() -> None:
@@ -182,6 +199,7 @@ def create_app(
     app.include_router(lifecycle.router)
     app.include_router(hub.router)
     app.include_router(model_files.router)
+    app.include_router(requests.router)
     app.include_router(prometheus.router)
     app.include_router(web.router)
     return app

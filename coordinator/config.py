@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.request_log import DEFAULT_SIZE
 from mesh.paths import DEFAULT_HTTP_PORT
 
 __all__ = ["DEFAULT_HTTP_PORT", "CoordinatorConfig"]
@@ -28,6 +29,8 @@ class CoordinatorConfig:
     # Without keys, the web UI and /api/* answer only to loopback unless this is set
     # (`--ui-open`: anyone who can reach the port can then manage the mesh; docs/web.md).
     ui_open: bool = False
+    # Recent requests kept in memory for /api/requests and the web UI's Requests page.
+    request_log_size: int = DEFAULT_SIZE
     # Seconds between Anthropic `ping` events while the prompt is processed.
     ping_interval: float = 2.0
     # Mesh secret for node links (mesh.auth); None = open links (loopback labs only).

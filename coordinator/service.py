@@ -24,6 +24,7 @@ from coordinator.metrics import (
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.placement import Placer
 from coordinator.prepared import Prepared, config_key
+from coordinator.request_log import RequestLog, RequestRecord, finished
 from coordinator.settings import SettingsStore
 from mesh import errors
 from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
@@ -78,6 +79,7 @@ class ChatService:
         *,
         policy: Policy | str = DEFAULT_POLICY,
         metrics: CoordinatorMetrics | None = None,
+        requests: RequestLog | None = None,
     ) -> None:
         """`metrics` None: record into a registry of its own (nobody scrapes it)."""
         self.registry = registry
@@ -86,6 +88,8 @@ class ChatService:
         self.metrics = (
             CoordinatorMetrics(CollectorRegistry(), registry) if metrics is None else metrics
         )
+        # Recent requests for /api/requests and the web UI (bounded).
+        self.requests = RequestLog() if requests is None else requests
         self._round_robin = RoundRobin()
         self.placer = Placer(registry, settings)
         # Recent renders by (model, chat): a conversation's count_tokens and its
@@ -276,8 +280,21 @@ class ChatService:
         if name is not None:
             with contextlib.suppress(MeshError):
                 res = self.resolve(name)
-        self.metrics.request(api, res, status_of(err))
+        status = status_of(err)
+        self.metrics.request(api, res, status)
         log.info("%s request for %r refused: %s: %s", api or "api", name, err.code, err.message)
+        self.requests.add(
+            RequestRecord(
+                id=f"req_{uuid.uuid4().hex[:16]}",
+                time=time.time(),
+                api=api,
+                requested=name,
+                model=res.model if res else None,
+                rule=res.rule if res else None,
+                status=int(status),
+                outcome=f"refused: {err.message}",
+            )
+        )
 
     async def _render(self, view: NodeView, model: str, chat: ChatPrompt) -> RenderedPrompt:
         key = (model, repr(chat))
@@ -382,11 +399,16 @@ class ChatService:
         tried: set[str] = set()
         started = produced = tool_calls = False
         outcome = "cancelled"
+        short = "cancelled by the client"  # the request log's outcome
+        finish: Finish | None = None
+        first_at: float | None = None
+        last: NodeView = prepared.node  # the node tried last: the one that served, or failed last
         # Until the stream ends otherwise, the caller went away (closed it early).
         status = CLIENT_CLOSED
         try:
             sampling, policy_capped = self._sampling(prepared, params)
             while node is not None:
+                last = node
                 tried.add(node.target)
                 failure: MeshError | None = None
                 node.inflight += 1
@@ -414,6 +436,7 @@ class ChatService:
                                 failure = errors.from_code(event.code, event.message)
                                 break
                             outcome = f"error {event.code}: {event.message}"
+                            short = f"error: {event.message}"
                             status = event_status(event.code)
                         elif isinstance(event, Finish):
                             e2e.observe(time.perf_counter() - received)
@@ -422,6 +445,9 @@ class ChatService:
                                 # the client the turn is over. Reporting "max_tokens" makes
                                 # Claude Code retry for a continuation that will be cut again.
                                 event = replace(event, reason=FinishReason.STOP)
+                            finish = event
+                            if not short.startswith("error"):
+                                short = event.reason.value
                             outcome = (
                                 f"{event.reason.value}, {event.usage.completion_tokens} tokens "
                                 f"out, prefill {event.usage.prompt_seconds:.2f}s"
@@ -430,13 +456,14 @@ class ChatService:
                                 status = SERVER_ERROR if event.reason in _FAILED else OK
                         elif not produced:
                             produced = True
+                            first_at = time.perf_counter()
                             node.inflight_prefill -= prefill
                             prefill = 0
                             ttft.observe(time.perf_counter() - received)
                         yield event
                 except (Unavailable, Overloaded) as err:
                     if produced:
-                        outcome = f"node failed mid-stream: {err.message}"
+                        outcome = short = f"node failed mid-stream: {err.message}"
                         raise Unavailable(
                             f"node {node.node_id} failed during generation: {err.message}"
                         ) from None
@@ -459,14 +486,19 @@ class ChatService:
                     f"retrying on {node.node_id}" if node else "no other node has the model",
                 )
                 if node is None:
-                    outcome = f"failed: {failure.message}"
+                    outcome = short = f"failed: {failure.message}"
                     raise failure
         except MeshError as err:
             status = status_of(err)
+            if not short.startswith(("failed", "node failed")):
+                short = f"error: {err.message}"
             raise
         finally:
             res = prepared.resolution
             self.metrics.request(api, res, status)
+            self.requests.add(
+                finished(prepared, api, request_id, last, int(status), short, finish, first_at, t0)
+            )
             log.info(
                 "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs%s",
                 request_id,

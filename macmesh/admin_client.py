@@ -35,6 +35,7 @@ class AdminClient:
             None,
         )
         self.base = coordinator.rstrip("/")
+        self.key = key
         self._http = httpx.Client(headers={"x-api-key": key} if key else {}, timeout=timeout)
 
     @classmethod

@@ -192,6 +192,13 @@ def _cache_config() -> CacheConfig:
         raise SystemExit(f"macmesh: {exc}") from None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _gib(value: float | None) -> int | None:
     return int(value * (1 << 30)) if value is not None else None
 
@@ -295,6 +302,14 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
         help="without API keys, serve the web UI and /api/* to the network too, not only "
         "to this machine (anyone who reaches the port can then manage the mesh; docs/web.md)",
     )
+    p.add_argument(
+        "--request-log-size",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="recent requests kept in memory for /api/requests, `macmesh requests` and the "
+        "web UI's Requests page (default 1000; older ones are only in the log file)",
+    )
 
 
 def _coordinator_config(
@@ -312,6 +327,7 @@ def _coordinator_config(
         default_model=args.default_model or default_model,
         api_keys=frozenset(keys),
         ui_open=args.ui_open,
+        request_log_size=args.request_log_size,
         routing_policy=args.routing_policy,
         secret=_secret(),
         tls_ca=args.tls_ca,
@@ -433,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     from macmesh.cli_models import add_models_parser
 
     add_models_parser(sub)
+
+    from macmesh.cli_requests import add_requests_parser
+
+    add_requests_parser(sub)
 
     p = sub.add_parser("status", help="table of the mesh's nodes as a coordinator sees them")
     p.add_argument(
