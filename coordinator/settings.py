@@ -11,7 +11,8 @@
 Files are re-read when they change on disk (checked at most once a second), so
 hand edits apply without a restart; a file that fails validation is reported
 in the log and the last good version stays in force. The admin API validates
-before it writes, and writes atomically (temp file + rename).
+before it writes, and writes atomically (temp file + rename); `validate` runs the
+same checks and writes nothing (the admin API's `?dry_run=true`).
 """
 
 from __future__ import annotations
@@ -203,6 +204,12 @@ class SettingsStore:
     def errors(self) -> dict[str, str]:
         """Files on disk that failed validation (their previous version is in force)."""
         return {n: f.error for n, f in self._files.items() if f.error}
+
+    def validate(self, name: str, data: Any) -> Any:
+        """Check `data` exactly as `replace` would and return what it would write; writes
+        nothing (the admin API's `?dry_run=true`). InvalidRequest names the field."""
+        self._files[name].parse(data)
+        return data
 
     def replace(self, name: str, data: Any) -> Any:
         """Validate, write atomically, apply at once; InvalidRequest leaves all as it was."""

@@ -33,7 +33,14 @@ export function bytes(n) {
 export const num = (n, d = 1) => (n === null || n === undefined ? "–" : Number(n).toFixed(d));
 
 // ---- API access: the key travels in x-api-key; a 401 asks for one.
-export class ApiError extends Error {}
+// `param` is the field the API's error envelope names (null when none), `status` the HTTP status.
+export class ApiError extends Error {
+  constructor(message, { param = null, status = null } = {}) {
+    super(message);
+    this.param = param;
+    this.status = status;
+  }
+}
 
 export function headers(extra = {}) {
   const key = sessionStorage.getItem(KEY);
@@ -46,12 +53,19 @@ export function askForKey() {
 }
 
 
-export async function errorMessage(resp) {
+// The error envelope's message and param (`{"error": {"message", "param", ...}}`).
+async function errorInfo(resp) {
   try {
     const body = await resp.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) {
+      return { message: body.error.message, param: body.error.param || null };
+    }
   } catch (_) { /* not JSON: fall back to the status line */ }
-  return `${resp.status} ${resp.statusText}`;
+  return { message: `${resp.status} ${resp.statusText}`, param: null };
+}
+
+export async function errorMessage(resp) {
+  return (await errorInfo(resp)).message;
 }
 
 export async function api(path, { method = "GET", body } = {}) {
@@ -59,7 +73,10 @@ export async function api(path, { method = "GET", body } = {}) {
   if (body) init.body = JSON.stringify(body);
   const resp = await fetch(path, init);
   if (resp.status === 401) askForKey();
-  if (!resp.ok) throw new ApiError(await errorMessage(resp));
+  if (!resp.ok) {
+    const { message, param } = await errorInfo(resp);
+    throw new ApiError(message, { param, status: resp.status });
+  }
   return resp.json();
 }
 

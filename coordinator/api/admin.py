@@ -14,6 +14,14 @@ Routes (seed-compatible where MLX Studio had one):
     GET    /api/nodes                       every known node with its live state
     GET    /api/models                      every model in the mesh: per node loaded or on disk,
                                             sizes, idle time; its ttl and pin
+
+Validate only: every route above that changes a file (PUT, POST and DELETE of aliases, PUT
+of the routing config and inference settings; lifecycle's PUT /api/model-settings too)
+takes `?dry_run=true`: the body is parsed and validated exactly as a save would, the answer
+is `{"status": "valid", <name>: <what would be written>}` (<name> as in the save's answer:
+aliases, routing, inference, models) and nothing is written. Errors are the same 400 in
+either mode, `param` naming the field path: `aliases[<alias>]`, `tiers.sonnet.max_tokens`,
+`default_model`, `temperature`. A file is replaced whole or not at all.
 """
 
 from __future__ import annotations
@@ -44,12 +52,35 @@ def _settings(request: Request) -> SettingsStore:
     return settings
 
 
-def _replace(request: Request, name: str, data: Any) -> JSONResponse:
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
+
+
+def dry_run(request: Request) -> bool:
+    """`?dry_run=true`: validate as a save would, write nothing."""
+    value = request.query_params.get("dry_run")
+    if value is None or value.lower() in _FALSE:
+        return False
+    if value.lower() in _TRUE:
+        return True
+    raise InvalidRequest(f"must be true or false, got {value!r}", field="dry_run")
+
+
+def save_settings(request: Request, settings: SettingsStore, name: str, data: Any) -> JSONResponse:
+    """Replace config file `name` with `data`, or with `?dry_run=true` only validate it.
+
+    Answers `{"status": "updated"|"valid", name: data}`, or the 400 naming the field."""
     try:
-        saved = _settings(request).replace(name, data)
+        if dry_run(request):
+            return JSONResponse({"status": "valid", name: settings.validate(name, data)})
+        saved = settings.replace(name, data)
     except MeshError as err:
         return openai_error(err)
     return JSONResponse({"status": "updated", name: saved})
+
+
+def _replace(request: Request, name: str, data: Any) -> JSONResponse:
+    return save_settings(request, _settings(request), name, data)
 
 
 @router.get("/aliases")

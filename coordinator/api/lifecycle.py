@@ -5,7 +5,8 @@ and `model_settings.json` (idle TTLs and pins).
     POST /api/models/unload      {"model", "node"?}   unload there (or everywhere it is loaded)
     GET  /api/models/placement/{model}                where a cold load would go now, and why
     GET  /api/model-settings                          model_settings.json
-    PUT  /api/model-settings                          replace (validated, atomic)
+    PUT  /api/model-settings                          replace (validated, atomic);
+                                                      `?dry_run=true` validates only
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from coordinator.api.admin import save_settings
 from coordinator.api.common import json_body, json_object, openai_error, str_field
 from coordinator.nodes import NodeView
 from coordinator.service import ChatService
@@ -141,9 +143,8 @@ async def put_model_settings(request: Request) -> JSONResponse:
     settings = _service(request).settings
     try:
         data = await json_body(request)
-        if isinstance(data, dict):
-            data.pop("error", None)  # what GET adds
-        saved = settings.replace("models", data)
     except MeshError as err:
         return openai_error(err)
-    return JSONResponse({"status": "updated", "models": saved})
+    if isinstance(data, dict):
+        data.pop("error", None)  # what GET adds
+    return save_settings(request, settings, "models", data)
