@@ -4,6 +4,12 @@ Each known node gets a `NodeClient` and a task that follows its `WatchState`
 stream; nodes push, coordinators never poll per request. A node whose state
 is older than `stale_after` seconds (or whose stream broke) is offline until
 its stream comes back; the watcher reconnects with backoff.
+
+Nodes push at least every `heartbeat_ms` (1 s), so `stale_after` (2.5 s) takes a
+node that hangs with its connection open out of rotation within 1.5 s of its
+first missed push. A node that flaps (out of rotation twice within `FLAP_WINDOW`)
+gets no new requests after it comes back until it has pushed steadily for
+`SETTLE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ log = logging.getLogger(__name__)
 
 # A node that failed authentication is retried this rarely (its secret may get fixed).
 REJECTED_RETRY_SECONDS = 10.0
+HEARTBEAT_MS = 1000
+STALE_AFTER = 2.5
+# Flap damping: this many outages within FLAP_WINDOW seconds mean a flapping node, which
+# must then push state for SETTLE_SECONDS before it is routed to again.
+FLAP_OUTAGES = 2
+FLAP_WINDOW = 60.0
+SETTLE_SECONDS = 3.0
 
 
 @dataclass
@@ -45,6 +58,10 @@ class NodeView:
     rejected: bool = False
     # Found by Bonjour (vs a static peer): removed when it says goodbye.
     discovered: bool = False
+    # When it last went out of rotation (monotonic), recent ones first; and, for a node
+    # that flaps, when it may be routed to again.
+    outages: list[float] = field(default_factory=list)
+    settle_until: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -57,18 +74,42 @@ class NodeView:
             return "rejected"
         if self.state is None:
             return "offline" if self.error else "connecting"
-        fresh = time.monotonic() - self.last_seen < stale_after
+        now = time.monotonic()
+        fresh = now - self.last_seen < stale_after
         if self.state.draining and fresh:  # a stopped node's last word was "draining"
             return "draining"
+        if fresh and now < self.settle_until:
+            return "settling"
         return "online" if self.online(stale_after) else "offline"
 
     def online(self, stale_after: float) -> bool:
+        """In rotation: reporting, fresh, not draining, and (after flapping) settled."""
+        now = time.monotonic()
         return (
             self.state is not None
             and not self.rejected
             and not self.state.draining
-            and time.monotonic() - self.last_seen < stale_after
+            and now - self.last_seen < stale_after
+            and now >= self.settle_until
         )
+
+    def reported(self, now: float, stale_after: float) -> None:
+        """A state push arrived at `now`: note an outage it ends, and damp a flapping node."""
+        if self.state is None:  # the first ever: nothing to recover from
+            return
+        if self.last_seen and now - self.last_seen < stale_after:
+            return  # steady
+        self.outages = [t for t in self.outages if now - t < FLAP_WINDOW]
+        self.outages.append(now)
+        if len(self.outages) >= FLAP_OUTAGES:
+            self.settle_until = now + SETTLE_SECONDS
+            log.warning(
+                "node %s is flapping (%d outages in %.0f s): no new requests for %.0f s",
+                self.node_id,
+                len(self.outages),
+                FLAP_WINDOW,
+                SETTLE_SECONDS,
+            )
 
     def model(self, model_id: str) -> ModelInfo | None:
         if self.state is None:
@@ -89,8 +130,8 @@ class NodeRegistry:
         self,
         peers: tuple[str, ...] = (),
         *,
-        heartbeat_ms: int = 1000,
-        stale_after: float = 5.0,
+        heartbeat_ms: int = HEARTBEAT_MS,
+        stale_after: float = STALE_AFTER,
         secret: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
@@ -167,7 +208,9 @@ class NodeRegistry:
                     if view.state is None or view.error:
                         log.info("node %s (%s) is up", state.node_id, view.target)
                         self._forget_stale_twins(view, state.node_id)
-                    view.state, view.last_seen, view.error = state, time.monotonic(), ""
+                    now = time.monotonic()
+                    view.reported(now, self.stale_after)
+                    view.state, view.last_seen, view.error = state, now, ""
                     self.prefix.set_node(view.target, state.cache)
                     for m in state.models:
                         self.known_models[m.id] = view.last_seen

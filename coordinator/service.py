@@ -6,9 +6,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -23,9 +23,11 @@ from coordinator.metrics import (
 )
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.placement import Placer
-from coordinator.prepared import Prepared, config_key
+from coordinator.prepared import Prepared, config_key, node_request, normalized
+from coordinator.rendering import PromptRenderer, another_node
 from coordinator.request_log import RequestLog, RequestRecord, finished
 from coordinator.settings import SettingsStore
+from coordinator.watchdog import next_event
 from mesh import errors
 from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
 from mesh.sampling import check_sampling, merge_sampling
@@ -35,13 +37,10 @@ from mesh.types import (
     Finish,
     FinishReason,
     GenerateEvent,
-    GenerateRequest,
     ModelInfo,
-    RenderedPrompt,
     SamplingParams,
     Started,
     TextPrompt,
-    TokenPrompt,
     ToolCallEvent,
 )
 from routing.aliases import Resolution, resolve
@@ -58,10 +57,10 @@ from routing.prefix import DEFAULT_BLOCK_SIZE, block_hashes
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # A routing decision counts as cached there for this long, until the node reports.
 PROVISIONAL_SECONDS = 5.0
-# Renders remembered (see ChatService._render).
-RENDER_MEMO = 256
 
 # Node-side failures worth another node, if no token reached the caller yet.
 _RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
@@ -92,9 +91,7 @@ class ChatService:
         self.requests = RequestLog() if requests is None else requests
         self._round_robin = RoundRobin()
         self.placer = Placer(registry, settings)
-        # Recent renders by (model, chat): a conversation's count_tokens and its
-        # request, or a client's retry, are tokenized once.
-        self._renders: OrderedDict[tuple[str, str], RenderedPrompt] = OrderedDict()
+        self.renderer = PromptRenderer(registry)
 
     # ---------- resolution and placement ----------
 
@@ -241,7 +238,7 @@ class ChatService:
         if cold:  # load it where it fits first (the node's report may lag: only there)
             loaded = await self.placer.ensure_loaded(res, views)
             views, placed = [loaded.node], loaded.why  # `why` names the node
-        renderer = views[0] if cold else self._another(res, set())
+        renderer = views[0] if cold else another_node(self.registry, res.model, set())
         assert renderer is not None
         inference = self.settings.inference()
         if isinstance(prompt, ChatPrompt):
@@ -249,12 +246,25 @@ class ChatService:
                 prompt, _ = hygiene.clean(prompt)
             if prompt.enable_thinking is None and inference.enable_thinking is not None:
                 prompt = replace(prompt, enable_thinking=inference.enable_thinking)
-            rendered = await self._render(renderer, res.model, prompt)
+            chat_prompt = prompt
+            rendered, renderer = await self.renderer.on_a_node(
+                renderer,
+                res.model,
+                lambda v: self.renderer.render(v, res.model, chat_prompt),
+                "rendering the prompt",
+            )
             ids, context = rendered.token_ids, rendered.context_length
             tools = prompt.tools
             chat: ChatPrompt | None = prompt
         else:
-            ids = tuple(await renderer.client.tokenize(res.model, prompt.text, True))
+            text = prompt.text
+            tokens, renderer = await self.renderer.on_a_node(
+                renderer,
+                res.model,
+                lambda v: v.client.tokenize(res.model, text, True),
+                "tokenizing",
+            )
+            ids = tuple(tokens)
             info = renderer.model(res.model)
             context = info.context_length if info else 0
             tools = ()
@@ -296,18 +306,6 @@ class ChatService:
             )
         )
 
-    async def _render(self, view: NodeView, model: str, chat: ChatPrompt) -> RenderedPrompt:
-        key = (model, repr(chat))
-        hit = self._renders.get(key)
-        if hit is not None:
-            self._renders.move_to_end(key)
-            return hit
-        rendered = await view.client.render(model, chat)
-        self._renders[key] = rendered
-        while len(self._renders) > RENDER_MEMO:
-            self._renders.popitem(last=False)
-        return rendered
-
     async def count_tokens(self, name: str, prompt: ChatPrompt) -> int:
         """Exactly the prompt tokens the node will prefill for this chat."""
         return (await self.prepare(name, prompt, commit=False)).prompt_tokens
@@ -332,54 +330,6 @@ class ChatService:
             return merged, False
         by_policy = bool(policy) and min(policy) == cap and (room is None or cap < room)
         return replace(merged, max_tokens=cap), by_policy
-
-    def _another(self, res: Resolution, exclude: set[str]) -> NodeView | None:
-        """Another online node for the model, loaded there first, then least loaded."""
-        views = [
-            v for v in self.registry.served_models().get(res.model, []) if v.target not in exclude
-        ]
-        if not views:
-            return None
-
-        def key(v: NodeView) -> tuple[int, int]:
-            info = v.model(res.model)
-            return (0 if info is not None and info.loaded else 1, v.load)
-
-        return min(views, key=key)
-
-    @staticmethod
-    def _normalized(event: GenerateEvent, tool_calls: bool) -> GenerateEvent:
-        """One meaning per event for every API: a turn that called tools finishes with
-        TOOL_CALLS, and a generation the node cancelled (shutdown), not this caller,
-        is a server error."""
-        if isinstance(event, Finish) and event.reason is FinishReason.STOP and tool_calls:
-            return replace(event, reason=FinishReason.TOOL_CALLS)
-        if isinstance(event, ErrorEvent) and event.code == errors.Cancelled.code:
-            return replace(event, code=errors.BackendError.code)
-        return event
-
-    @staticmethod
-    def _request_for(
-        prepared: Prepared, node: NodeView, sampling: SamplingParams, request_id: str
-    ) -> GenerateRequest:
-        """The request as `node` should get it: its prompt form, and the draft if it has it."""
-        info = node.model(prepared.model)
-        prompt: ChatPrompt | TokenPrompt = TokenPrompt(prepared.token_ids)
-        if prepared.chat is not None and info is not None and info.backend == "gguf":
-            prompt = prepared.chat
-        draft = prepared.resolution.draft_model or ""
-        if draft and node.model(draft) is None:
-            # A draft only speeds things up: a node without it still serves the model.
-            log.info("%s: node %s has no draft model %r", request_id, node.node_id, draft)
-            draft = ""
-        return GenerateRequest(
-            model=prepared.model,
-            prompt=prompt,
-            sampling=sampling,
-            request_id=request_id,
-            tools=prepared.tools,
-            draft_model=draft,
-        )
 
     async def generate(
         self, prepared: Prepared, params: SamplingParams, request_id: str = "", *, api: str = ""
@@ -410,6 +360,7 @@ class ChatService:
             while node is not None:
                 last = node
                 tried.add(node.target)
+                prepared.tried.append(node)
                 failure: MeshError | None = None
                 node.inflight += 1
                 # The placement's estimate of what it prefills there (all of it on a retry).
@@ -420,11 +371,22 @@ class ChatService:
                 prefill = max(prepared.prompt_tokens - cached, 0)
                 node.inflight_prefill += prefill
                 ttft, e2e = self.metrics.latency(node.node_id, prepared.model)
-                request = self._request_for(prepared, node, sampling, request_id)
+                request = node_request(prepared, node, sampling, request_id)
                 stream = node.client.generate(request)
+                node_started = False  # this node's first event came (Started or an error)
                 try:
-                    async for event in stream:
-                        event = self._normalized(event, tool_calls)
+                    while True:
+                        got = await next_event(
+                            stream,
+                            node,
+                            self.registry.stale_after,
+                            started=node_started,
+                            produced=produced,
+                        )
+                        if got is None:
+                            break
+                        node_started = True
+                        event = normalized(got, tool_calls)
                         if isinstance(event, ToolCallEvent):
                             tool_calls = True
                         if isinstance(event, Started):
@@ -477,7 +439,7 @@ class ChatService:
                         status = SERVER_ERROR
                     return
                 failed = node
-                node = self._another(prepared.resolution, tried)
+                node = another_node(self.registry, prepared.model, tried)
                 log.warning(
                     "%s: node %s failed before the first token (%s); %s",
                     request_id,

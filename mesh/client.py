@@ -31,16 +31,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
+    # A peer that stops answering pings for 5 s (hung with its TCP open, or its link gone)
+    # has its connection closed, failing the calls on it, within 15 s even when idle.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
-# What a node's server accepts: the clients' 20 s keepalive pings, also while a
+# Deadlines of calls that may legitimately take long, unless the client sets its own:
+# loading a large model from a slow disk; unloading waits for requests in flight.
+LOAD_TIMEOUT = 900.0
+UNLOAD_TIMEOUT = 300.0
+# What a node's server accepts: the clients' 10 s keepalive pings, also while a
 # stream is quiet. gRPC's server defaults (pings at most every 5 minutes, two
 # strikes) answer a prefill that sends nothing for a minute with GOAWAY
 # "too_many_pings", which killed long prompts' streams mid-prefill.
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     *CHANNEL_OPTIONS,
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
 
@@ -137,7 +144,9 @@ class NodeClient:
 
     async def load_model(self, model: str) -> tuple[ModelInfo, float]:
         try:
-            resp = await self._stub.LoadModel(pb.LoadModelRequest(model=model))
+            resp = await self._stub.LoadModel(
+                pb.LoadModelRequest(model=model), timeout=self.timeout or LOAD_TIMEOUT
+            )
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc) from None
         return wire.model_from_pb(resp.model), resp.load_seconds
@@ -145,7 +154,10 @@ class NodeClient:
     async def unload_model(self, model: str, *, if_idle: bool = False) -> bool:
         """Unload `model`; `if_idle`: only if nothing for it runs (else ModelLoadError)."""
         try:
-            resp = await self._stub.UnloadModel(pb.UnloadModelRequest(model=model, if_idle=if_idle))
+            resp = await self._stub.UnloadModel(
+                pb.UnloadModelRequest(model=model, if_idle=if_idle),
+                timeout=self.timeout or UNLOAD_TIMEOUT,
+            )
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc) from None
         return resp.was_loaded
