@@ -15,7 +15,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from node.config import SimModelSpec
-from tests.browser import needs_browser, stop_coordinator
+from tests.browser import console_errors, needs_browser, stop_coordinator
 from tests.conftest import (
     RunningNode,
     start_coordinator,
@@ -302,3 +302,43 @@ def test_first_load_is_small_and_the_mesh_page_is_idle(mesh: dict[str, Any], pag
     seen = len(urls)
     page.wait_for_timeout(3000)
     assert urls[seen:] == []  # no polling: updates arrive on the open event stream
+
+
+@needs_browser
+def test_every_page_loads_without_console_errors(mesh: dict[str, Any], page: Any) -> None:
+    errors = console_errors(page)
+    base = mesh["open"].base_url
+    for name, ready in (
+        ("mesh", "#nodes article"),
+        ("models", "#models tbody tr"),
+        ("chat", "#chat-model option"),
+        ("routing", "#resolve-name"),
+        ("requests", "#requests tbody tr"),
+    ):
+        page.goto(f"{base}/ui/{name}")
+        page.locator(ready).first.wait_for(state="attached")
+        page.wait_for_timeout(300)
+        assert page.locator("nav a.active").get_attribute("data-page") == name
+    assert errors == []
+
+
+@needs_browser
+def test_chat_streams_a_real_smollm2_answer_and_stops(coordinator: Any, page: Any) -> None:
+    """The real model on a real node: an answer streams in, and Stop ends a long one."""
+    errors = console_errors(page)
+    page.goto(coordinator.base_url + "/ui/chat")
+    page.locator('#chat-model option[value="smollm2"]').wait_for(state="attached")
+    answer = _chat(page, "smollm2", "Name three colours.", 6)
+    page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+    assert answer.locator(".answer").inner_text().strip()
+    meta = answer.locator(".meta").inner_text()
+    assert "completion 6 tokens" in meta and "TTFT" in meta and "node " in meta
+    long = _chat(page, "smollm2", "Tell me a long story about a lighthouse.", 400)
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 5",
+        timeout=120_000,
+    )
+    page.click("#chat-stop")
+    page.wait_for_selector(".msg.assistant.stopped", timeout=10_000)
+    assert "stopped" in long.locator(".meta").inner_text()
+    assert errors == []
