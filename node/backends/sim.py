@@ -61,7 +61,7 @@ from node.cache import Lease, PromptCaches
 from node.config import CacheConfig, SamplingDefaults, SimModelSpec
 from node.sampling import resolve_sampling
 
-_WORDS = (
+SIM_WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
     "lighthouse", "keeper", "watches", "the", "sea", "and", "counts", "the", "waves", "under",
     "a", "pale", "moon",
@@ -277,7 +277,7 @@ class SimBackend:
             # per-token costs don't accumulate drift.
             due = time.perf_counter()
             while n < max_tokens:
-                word = _WORDS[(len(ids) + n) % len(_WORDS)]
+                word = SIM_WORDS[(len(ids) + n) % len(SIM_WORDS)]
                 n += 1
                 self.tokens_generated += 1
                 stats.count_decoded(1)
