@@ -6,7 +6,11 @@ The mesh view is read at scrape time (`macmesh_node_up`), never copied.
 
 Labels stay bounded: `model` is a resolved model id (served, or named by the
 config), `alias` a configured alias or a served model id, `tier` a Claude tier;
-anything else is "other" (or "none" for no tier).
+anything else is "other" (or "none" for no tier). `key` is the name of an API key
+(the names the key file gives, "default" for --api-key keys), "none" without keys:
+only authenticated keys reach the counter, never a raw key. It has a family of its
+own (`macmesh_key_requests_total{key, api, status}`) rather than a label on
+`macmesh_requests_total`, so keys do not multiply the model/alias/tier series.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from routing.policy import REASONS
 
 APIS = ("anthropic", "openai")
 NO_TIER = "none"
+# `key` of requests to a coordinator without API keys.
+NO_KEY = "none"
 # `status` of a request whose caller went away before it finished (nginx's code).
 CLIENT_CLOSED = "499"
 OK = "200"
@@ -76,6 +82,14 @@ class CoordinatorMetrics:
             ["api", "model", "alias", "tier", "status"],
             registry=registry,
         )
+        self.key_requests = Counter(
+            f"{p}key_requests",
+            "Generation requests by API key name (none: the coordinator has no keys), API "
+            "and status (as in macmesh_requests_total; 429 = over the key's max_concurrent, "
+            "403 = a model the key may not use).",
+            ["key", "api", "status"],
+            registry=registry,
+        )
         self.route_decisions = Counter(
             f"{p}route_decisions",
             "Routing decisions by reason (the x-macmesh-route-reason header).",
@@ -106,11 +120,20 @@ class CoordinatorMetrics:
         """A routing decision was made (`reason`: a routing.policy.Reason value)."""
         self.route_decisions.labels(bounded(reason, REASONS)).inc()
 
-    def request(self, api: str, res: Resolution | None, status: str) -> None:
-        """One generation request ended with `status`."""
+    def request(
+        self, api: str, res: Resolution | None, status: str, key: str | None = None
+    ) -> None:
+        """One generation request ended with `status`; `key`: its API key's name."""
         model = res.model if res is not None else OTHER
         labels = (bounded(api, APIS), model, alias_label(res), tier_label(res), status)
         self.requests.labels(*labels).inc()
+        self.key_requests.labels(key or NO_KEY, bounded(api, APIS), status).inc()
+
+    def preinit_keys(self, names: Iterable[str]) -> None:
+        """Create each key's success series at 0 (see `preinit`)."""
+        for name in names:
+            for api in APIS:
+                self.key_requests.labels(name, api, OK)
 
     def preinit(self, routing: RoutingConfig, loaded: Collection[str]) -> None:
         """Create the success series of every configured alias and tier and loaded model.

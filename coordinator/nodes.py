@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from mesh.auth import MeshSecret
 from mesh.client import NodeClient
 from mesh.errors import InvalidRequest, MeshError, Unauthenticated
 from mesh.types import ModelInfo, NodeState
@@ -132,7 +133,7 @@ class NodeRegistry:
         *,
         heartbeat_ms: int = HEARTBEAT_MS,
         stale_after: float = STALE_AFTER,
-        secret: bytes | None = None,
+        secret: bytes | MeshSecret | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.heartbeat_ms = heartbeat_ms

@@ -13,6 +13,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry
 
 from coordinator import hygiene
+from coordinator.keys import ApiKey
 from coordinator.metrics import (
     CLIENT_CLOSED,
     OK,
@@ -29,7 +30,14 @@ from coordinator.request_log import RequestLog, RequestRecord, finished
 from coordinator.settings import SettingsStore
 from coordinator.watchdog import next_event
 from mesh import errors
-from mesh.errors import MeshError, ModelNotFound, Overloaded, PromptTooLong, Unavailable
+from mesh.errors import (
+    MeshError,
+    ModelNotFound,
+    Overloaded,
+    PermissionDenied,
+    PromptTooLong,
+    Unavailable,
+)
 from mesh.sampling import check_sampling, merge_sampling
 from mesh.types import (
     ChatPrompt,
@@ -106,10 +114,45 @@ class ChatService:
             raise ModelNotFound(name, self.available_names())
         return res
 
-    def available_names(self) -> list[str]:
+    def resolve_for(self, name: str, key: ApiKey | None) -> Resolution:
+        """`resolve`, for a caller whose key may be limited to some models: allowed when
+        the requested name or the model it resolves to matches one of its patterns. A
+        limited key learns nothing of models it may not use (ModelNotFound lists only
+        the names it may use; an unknown name it may not use is a PermissionDenied)."""
+        if key is None or key.models is None:
+            return self.resolve(name)
+        try:
+            res = self.resolve(name)
+        except ModelNotFound as err:
+            if not key.allows(name):
+                raise self._forbidden(name, key) from None
+            raise ModelNotFound(name, [n for n in err.available if key.allows(n)]) from None
+        if not key.allows(name, res.model):
+            raise self._forbidden(name, key)
+        return res
+
+    @staticmethod
+    def _forbidden(name: str, key: ApiKey) -> PermissionDenied:
+        return PermissionDenied(
+            f"API key {key.name!r} may not use model {name!r} "
+            f"(its models: {', '.join(key.models or ())})"
+        )
+
+    def available_names(self, key: ApiKey | None = None) -> list[str]:
+        """Served models and plain aliases; for a key limited to some models, those it may use."""
         names = set(self.registry.served_models())
         names.update(a for a in self.settings.routing().aliases if not any(c in a for c in "*?["))
+        if key is not None and key.models is not None:
+            names = {n for n in names if self._allowed(n, key)}
         return sorted(names)
+
+    def _allowed(self, name: str, key: ApiKey) -> bool:
+        if key.allows(name):
+            return True
+        try:
+            return key.allows(name, self.resolve(name).model)
+        except MeshError:
+            return False
 
     def candidates(self, res: Resolution) -> list[NodeView]:
         """Online nodes that serve the model; the right error when there are none."""
@@ -222,16 +265,18 @@ class ChatService:
         *,
         commit: bool = True,
         max_tokens: int | None = None,
+        key: ApiKey | None = None,
     ) -> Prepared:
         """Resolve, tokenize with the model's own template, place; raises before generating.
 
         Any node with the model renders (one with it loaded first): the ids are
         the same everywhere, and the placement needs them. `max_tokens` is the
         request's own cap, if any (the placement's answer-length estimate; the
-        tier's and the global caps apply too).
+        tier's and the global caps apply too). `key`: the caller's API key, whose
+        `models` the name or its resolved model must match (else PermissionDenied).
         """
         received = time.perf_counter()
-        res = self.resolve(name)
+        res = self.resolve_for(name, key)
         views = self.candidates(res)
         cold = not any((info := v.model(res.model)) is not None and info.loaded for v in views)
         placed = ""
@@ -284,20 +329,24 @@ class ChatService:
             res, node, decision.reason, ids, context, tools, chat, decision, received, placed
         )
 
-    def rejected(self, api: str, name: str | None, err: MeshError) -> None:
-        """Count a request refused before generating (bad body, unknown model, no node)."""
+    def rejected(
+        self, api: str, name: str | None, err: MeshError, *, key: str | None = None
+    ) -> None:
+        """Count a request refused before generating (bad body, unknown model, no node);
+        `key`: the name of the caller's API key."""
         res = None
         if name is not None:
             with contextlib.suppress(MeshError):
                 res = self.resolve(name)
         status = status_of(err)
-        self.metrics.request(api, res, status)
+        self.metrics.request(api, res, status, key)
         log.info("%s request for %r refused: %s: %s", api or "api", name, err.code, err.message)
         self.requests.add(
             RequestRecord(
                 id=f"req_{uuid.uuid4().hex[:16]}",
                 time=time.time(),
                 api=api,
+                key=key,
                 requested=name,
                 model=res.model if res else None,
                 rule=res.rule if res else None,
@@ -306,9 +355,11 @@ class ChatService:
             )
         )
 
-    async def count_tokens(self, name: str, prompt: ChatPrompt) -> int:
+    async def count_tokens(
+        self, name: str, prompt: ChatPrompt, *, key: ApiKey | None = None
+    ) -> int:
         """Exactly the prompt tokens the node will prefill for this chat."""
-        return (await self.prepare(name, prompt, commit=False)).prompt_tokens
+        return (await self.prepare(name, prompt, commit=False, key=key)).prompt_tokens
 
     def sampling(self, prepared: Prepared, params: SamplingParams) -> SamplingParams:
         """Request values over `inference_settings.json`; max_tokens clamped, never rejected.
@@ -332,14 +383,21 @@ class ChatService:
         return replace(merged, max_tokens=cap), by_policy
 
     async def generate(
-        self, prepared: Prepared, params: SamplingParams, request_id: str = "", *, api: str = ""
+        self,
+        prepared: Prepared,
+        params: SamplingParams,
+        request_id: str = "",
+        *,
+        api: str = "",
+        key: str | None = None,
     ) -> AsyncGenerator[GenerateEvent, None]:
         """The node's event stream; closing it cancels the generation on the node.
 
         A node that fails before the first token (gone, shutting down, queue full)
         is retried on another node with the model; the caller sees one `Started`.
         After the first token a failure is final: it raises (the API turns it
-        into its error event). `api` labels the request in the metrics.
+        into its error event). `api` labels the request in the metrics, `key` (the
+        name of the caller's API key) there and in the request log.
         """
         t0 = time.perf_counter()
         received = prepared.received or t0
@@ -457,9 +515,11 @@ class ChatService:
             raise
         finally:
             res = prepared.resolution
-            self.metrics.request(api, res, status)
+            self.metrics.request(api, res, status, key)
             self.requests.add(
-                finished(prepared, api, request_id, last, int(status), short, finish, first_at, t0)
+                finished(
+                    prepared, api, request_id, last, int(status), short, finish, first_at, t0, key
+                )
             )
             log.info(
                 "%s %r -> %s (%s) on %s [%s]: %d prompt tokens, max %s; %s in %.2fs%s",

@@ -31,7 +31,7 @@ COLUMNS = (
 
 def _params(args: argparse.Namespace) -> dict[str, str]:
     params = {"limit": str(args.limit)}
-    for key in ("model", "node", "api", "q"):
+    for key in ("model", "node", "api", "key", "q"):
         value = getattr(args, key)
         if value:
             params[key] = value
@@ -129,6 +129,7 @@ def add_requests_parser(sub: Any) -> None:
     p.add_argument("--model", help="only this requested or resolved model")
     p.add_argument("--node", help="only requests served by this node id")
     p.add_argument("--api", choices=("openai", "anthropic"), help="only this API")
+    p.add_argument("--key", help="only requests made with this API key name (see api_keys.json)")
     p.add_argument("--failed", action="store_true", help="only refused, failed or cancelled ones")
     p.add_argument("-q", help="only records holding this text")
     p.add_argument("-n", "--limit", type=int, default=50, help="how many (default 50, max 1000)")

@@ -34,6 +34,16 @@ certificates once, with one CA (keep ca.key off the Macs):
     openssl x509 -req -in mac1.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
         -extfile mac1.ext -out mac1.pem
 
+Rotation without downtime (`MeshSecret`, `rotate_secret`): `macmesh init --rotate` moves
+`secret` to `secret.previous` (with an expiry, default an hour) and writes a new `secret`;
+running processes see both files change (checked at most once a second). Until the expiry a
+process signs with the new secret and also sends `x-macmesh-auth-previous`, the MAC under
+the old one; it accepts a call whose either MAC verifies under either secret and proves
+itself with the secret that matched, and accepts a proof under either. So Macs that have
+rotated and Macs that have not yet rotated keep talking, in any order, for the whole
+window; after it the old secret is refused. Calls already open (WatchState streams) are
+not cut. `MACMESH_SECRET` (the environment) is fixed for the process's life.
+
 Each Mac then runs with `--tls-cert mac1.pem --tls-key mac1.key --tls-ca ca.pem`;
 its certificate serves as server and as client certificate. Where addresses
 change (DHCP), give every certificate one fixed SAN (`DNS:macmesh-node`) and
@@ -47,9 +57,11 @@ import hashlib
 import heapq
 import hmac
 import inspect
+import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -57,14 +69,23 @@ from typing import Any, TypeAlias
 
 import grpc
 
+log = logging.getLogger(__name__)
+
 ENV_VAR = "MACMESH_SECRET"
 KEY_FILE = "secret"
+# The secret before the last rotation, accepted until its `expires=` time.
+PREVIOUS_FILE = "secret.previous"
+ROTATION_WINDOW_S = 3600
+# Key files are re-read when they change, checked at most this often.
+RELOAD_S = 1.0
 MIN_SECRET_CHARS = 16
 WINDOW_S = 120
 MAX_REMEMBERED_NONCES = 1_000_000
 
 TS_KEY, NONCE_KEY, AUTH_KEY = "x-macmesh-ts", "x-macmesh-nonce", "x-macmesh-auth"
 PROOF_KEY = "x-macmesh-proof"
+# During a rotation window: the MAC under the previous secret, for nodes not yet rotated.
+PREVIOUS_AUTH_KEY = "x-macmesh-auth-previous"
 MISSING = "missing mesh credentials: set MACMESH_SECRET or run `macmesh init` (same on every Mac)"
 WRONG = "wrong mesh secret"
 
@@ -85,6 +106,12 @@ def load_secret(home: Path, env: Mapping[str, str] = os.environ) -> bytes | None
         # Set but empty or short is a mistake, never a silent fall back to open mode.
         return _checked(env[ENV_VAR], f"${ENV_VAR}")
     path = home / KEY_FILE
+    text = _read_private(path)
+    return None if text is None else _checked(text, f"key file {path}")
+
+
+def _read_private(path: Path) -> str | None:
+    """A key file's text; None if it does not exist."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -96,10 +123,165 @@ def load_secret(home: Path, env: Mapping[str, str] = os.environ) -> bytes | None
             f"fix with: chmod 600 {path}"
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthConfigError(f"cannot read key file {path}: {exc}") from None
-    return _checked(text, f"key file {path}")
+
+
+def _load_previous(path: Path) -> tuple[bytes, float] | None:
+    """`secret.previous`: the old secret and until when it is accepted (`expires=` line;
+    without one, `ROTATION_WINDOW_S` after the file was written)."""
+    text = _read_private(path)
+    if text is None:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise AuthConfigError(f"key file {path} is empty")
+    until: float | None = None
+    for line in lines[1:]:
+        key, sep, value = line.partition("=")
+        if not sep or key.strip() != "expires" or not value.strip().isdigit():
+            raise AuthConfigError(f"key file {path}: expected `expires=UNIX_SECONDS`, got {line!r}")
+        until = float(value.strip())
+    if until is None:
+        until = path.stat().st_mtime + ROTATION_WINDOW_S
+    return _checked(lines[0], f"key file {path}"), until
+
+
+class MeshSecret:
+    """The secret this process signs with, and the ones it accepts.
+
+    `current` signs; `accepted()` is the current one plus, until its expiry, the previous
+    one (a rotation window). Built from a home (`from_home`), it follows `secret` and
+    `secret.previous` on disk: both are re-stat'ed at most once a second, a change is
+    re-read, and a file that fails to read keeps what was in force (logged). Built from
+    bytes, it is fixed. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        current: bytes,
+        previous: bytes | None = None,
+        *,
+        previous_until: float = float("inf"),
+        home: Path | None = None,
+    ) -> None:
+        self._current = current
+        self._previous = previous
+        self._until = previous_until
+        self._home = home
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._stamp = self._stat() if home is not None else None
+
+    @classmethod
+    def from_home(cls, home: Path, env: Mapping[str, str] = os.environ) -> MeshSecret | None:
+        """`$MACMESH_SECRET` (fixed), else `home/secret` (+ `secret.previous`, followed on
+        disk), else None (open mode)."""
+        if ENV_VAR in env:
+            return cls(_checked(env[ENV_VAR], f"${ENV_VAR}"))
+        current = load_secret(home, env={})
+        if current is None:
+            return None
+        previous = _load_previous(home / PREVIOUS_FILE)
+        if previous is None:
+            return cls(current, home=home)
+        return cls(current, previous[0], previous_until=previous[1], home=home)
+
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        assert self._home is not None
+        out: list[tuple[int, int, int] | None] = []
+        for name in (KEY_FILE, PREVIOUS_FILE):
+            try:
+                st = (self._home / name).stat()
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def _refresh(self) -> None:
+        if self._home is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < RELOAD_S:
+                return
+            self._checked = now
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a bad file is reported once, and re-read once changed
+            try:
+                current = load_secret(self._home, env={})
+                previous = _load_previous(self._home / PREVIOUS_FILE)
+            except (AuthConfigError, OSError) as exc:
+                log.error("mesh secret unchanged: %s", exc)
+                return
+            if current is None:
+                log.error("mesh secret file %s is gone; keeping the secret in force",
+                          self._home / KEY_FILE)  # fmt: skip
+                return
+            if current != self._current:
+                log.warning("mesh secret changed (%s); signing with the new one", KEY_FILE)
+            self._current = current
+            self._previous, self._until = previous if previous else (None, 0.0)
+
+    @property
+    def current(self) -> bytes:
+        """The secret calls are signed with."""
+        self._refresh()
+        return self._current
+
+    def previous(self) -> bytes | None:
+        """The previous secret while its window lasts, else None."""
+        self._refresh()
+        if self._previous is None or time.time() >= self._until or self._previous == self._current:
+            return None
+        return self._previous
+
+    def accepted(self) -> tuple[bytes, ...]:
+        """Secrets a peer may use now: the current one, then the previous one in its window."""
+        previous = self.previous()
+        return (self._current,) if previous is None else (self._current, previous)
+
+
+def as_mesh_secret(secret: bytes | MeshSecret) -> MeshSecret:
+    return secret if isinstance(secret, MeshSecret) else MeshSecret(secret)
+
+
+def rotate_secret(home: Path, new: str | None = None, *, window: float = ROTATION_WINDOW_S) -> Path:
+    """Start a rotation: `secret` becomes `secret.previous` (accepted for `window` more
+    seconds), and `new` (None: a fresh random one) the current secret."""
+    old = load_secret(home, env={})
+    if old is None:
+        raise AuthConfigError(f"no secret in {home / KEY_FILE} to rotate; run `macmesh init`")
+    fresh = _checked(new, "the new secret") if new is not None else None
+    if fresh == old:
+        raise AuthConfigError("the new secret is the current one; nothing to rotate")
+    expires = int(time.time() + max(window, 0))
+    _write_private(home, PREVIOUS_FILE, f"{old.decode()}\nexpires={expires}\n")
+    text = fresh.decode() if fresh is not None else secrets.token_hex(32)
+    return _write_private(home, KEY_FILE, text + "\n")
+
+
+def _write_private(home: Path, name: str, text: str) -> Path:
+    """Write `home/name` (mode 0600) atomically, replacing it."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = home / name
+    fd, tmp = tempfile.mkstemp(dir=home, prefix=f".{name}-")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
 
 
 def _checked(text: str, where: str) -> bytes:
@@ -152,19 +334,33 @@ def _method(method: str | bytes) -> str:
 
 
 def auth_metadata(
-    secret: bytes, method: str | bytes, *, now: float | None = None
+    secret: bytes,
+    method: str | bytes,
+    *,
+    now: float | None = None,
+    previous: bytes | None = None,
 ) -> tuple[list[tuple[str, str]], str]:
-    """Metadata authenticating one call of `method`, and the nonce it uses."""
+    """Metadata authenticating one call of `method`, and the nonce it uses (`previous`:
+    also the MAC under the secret before a rotation, for peers that have not rotated)."""
     ts = str(int(time.time() if now is None else now))
     nonce = secrets.token_hex(16)
-    mac = _mac(secret, "client", ts, nonce, _method(method))
-    return [(TS_KEY, ts), (NONCE_KEY, nonce), (AUTH_KEY, mac)], nonce
+    method = _method(method)
+    out = [(TS_KEY, ts), (NONCE_KEY, nonce), (AUTH_KEY, _mac(secret, "client", ts, nonce, method))]
+    if previous is not None:
+        out.append((PREVIOUS_AUTH_KEY, _mac(previous, "client", ts, nonce, method)))
+    return out, nonce
 
 
-def verify_proof(metadata: Metadata | None, secret: bytes, nonce: str) -> bool:
-    """Whether a server's initial metadata proves it knows `secret` (for this nonce)."""
+def verify_proof(metadata: Metadata | None, secret: bytes | Sequence[bytes], nonce: str) -> bool:
+    """Whether a server's initial metadata proves it knows `secret` (one of them, for a
+    sequence) for this nonce."""
     got = _get(metadata or (), PROOF_KEY)
-    return got is not None and _same(_mac(secret, "server", nonce), got)
+    if got is None:
+        return False
+    ok = False
+    for s in (secret,) if isinstance(secret, bytes) else secret:
+        ok |= _same(_mac(s, "server", nonce), got)
+    return ok
 
 
 def _get(metadata: Metadata, key: str) -> str | None:
@@ -178,6 +374,8 @@ def _get(metadata: Metadata, key: str) -> str | None:
 # ---------- server ----------
 
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# A signed call's nonce, and the secrets its proof may use.
+_Signed: TypeAlias = tuple[str, tuple[bytes, ...]]
 # (request_streaming, response_streaming) -> the handler's attribute, its factory.
 _KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Any]]] = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -211,20 +409,35 @@ class _Nonces:
 class AuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses calls without valid credentials; proves the node's secret on the others."""
 
-    def __init__(self, secret: bytes, *, max_nonces: int = MAX_REMEMBERED_NONCES) -> None:
-        self._secret = secret
+    def __init__(
+        self, secret: bytes | MeshSecret, *, max_nonces: int = MAX_REMEMBERED_NONCES
+    ) -> None:
+        self._secret = as_mesh_secret(secret)
         self._nonces = _Nonces(max_nonces)
 
     def check(self, method: str, metadata: Metadata) -> tuple[grpc.StatusCode, str] | str:
         """The call's nonce if it is authentic, else the status to refuse it with."""
+        verdict = self.verify(method, metadata)
+        return verdict if isinstance(verdict[0], grpc.StatusCode) else verdict[0]
+
+    def verify(
+        self, method: str, metadata: Metadata
+    ) -> tuple[grpc.StatusCode, str] | tuple[str, bytes]:
+        """The call's nonce and the secret it proved, if it is authentic, else the status to
+        refuse it with. Either of the call's MACs (current, previous) may match either
+        secret this node accepts (current, previous in its window)."""
         ts, nonce, mac = (_get(metadata, k) for k in (TS_KEY, NONCE_KEY, AUTH_KEY))
         if mac is None:
             return grpc.StatusCode.UNAUTHENTICATED, MISSING
-        if (
-            ts is None
-            or nonce is None
-            or not _same(_mac(self._secret, "client", ts, nonce, method), mac)
-        ):
+        matched: bytes | None = None
+        if ts is not None and nonce is not None:
+            macs = [mac, _get(metadata, PREVIOUS_AUTH_KEY)]
+            for secret in self._secret.accepted():
+                expected = _mac(secret, "client", ts, nonce, method)
+                if any(m is not None and _same(expected, m) for m in macs):
+                    matched = secret
+                    break
+        if matched is None or ts is None or nonce is None:
             return grpc.StatusCode.UNAUTHENTICATED, WRONG
         # Past this point the caller knows the secret: it may learn more.
         now = time.time()
@@ -239,7 +452,7 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to remember; retry"
         if not fresh:
             return grpc.StatusCode.UNAUTHENTICATED, "replayed mesh credentials"
-        return nonce
+        return nonce, matched
 
     async def intercept_service(
         self,
@@ -247,14 +460,16 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler:
         method = _method(handler_call_details.method)
-        verdict = self.check(method, handler_call_details.invocation_metadata or ())
+        verdict = self.verify(method, handler_call_details.invocation_metadata or ())
         handler: _Handler | None = await continuation(handler_call_details)
-        if isinstance(verdict, tuple):
+        if isinstance(verdict[0], grpc.StatusCode):
             # Checked before the lookup result is used: unknown methods are not revealed.
-            return _aborting(handler, *verdict)
+            return _aborting(handler, verdict[0], str(verdict[1]))
         if handler is None:
             return None  # type: ignore[return-value]  # grpc answers UNIMPLEMENTED
-        return _proving(handler, ((PROOF_KEY, _mac(self._secret, "server", verdict)),))
+        nonce, secret = verdict
+        assert isinstance(nonce, str) and isinstance(secret, bytes)
+        return _proving(handler, ((PROOF_KEY, _mac(secret, "server", nonce)),))
 
 
 def _aborting(handler: _Handler | None, code: grpc.StatusCode, details: str) -> _Handler:
@@ -294,7 +509,7 @@ def _proving(handler: _Handler, proof: Sequence[tuple[str, str]]) -> _Handler:
     return result
 
 
-def server_interceptors(secret: bytes) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+def server_interceptors(secret: bytes | MeshSecret) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """Interceptors for `grpc.aio.server(interceptors=...)` (none in open mode: don't call)."""
     return [AuthServerInterceptor(secret)]
 
@@ -313,23 +528,28 @@ def _unverified() -> grpc.aio.AioRpcError:
 
 
 class _ClientAuth:
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
+    def __init__(self, secret: bytes | MeshSecret) -> None:
+        self.secret = as_mesh_secret(secret)
 
-    def sign(self, details: grpc.aio.ClientCallDetails) -> tuple[grpc.aio.ClientCallDetails, str]:
-        extra, nonce = auth_metadata(self.secret, details.method)
+    def sign(
+        self, details: grpc.aio.ClientCallDetails
+    ) -> tuple[grpc.aio.ClientCallDetails, _Signed]:
+        """The call signed with the current secret (and the previous one in its window);
+        what its proof is checked against."""
+        current, previous = self.secret.current, self.secret.previous()
+        extra, nonce = auth_metadata(current, details.method, previous=previous)
         metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra)
         signed = grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
-        return signed, nonce
+        return signed, (nonce, (current,) if previous is None else (current, previous))
 
 
 class _UnaryUnaryAuth(_ClientAuth, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        details, nonce = self.sign(client_call_details)
+        details, (nonce, secrets_) = self.sign(client_call_details)
         call = await continuation(details, request)
         try:
             await call
@@ -338,7 +558,7 @@ class _UnaryUnaryAuth(_ClientAuth, grpc.aio.UnaryUnaryClientInterceptor):  # typ
         except BaseException:
             call.cancel()
             raise
-        if not verify_proof(await call.initial_metadata(), self.secret, nonce):
+        if not verify_proof(await call.initial_metadata(), secrets_, nonce):
             raise _unverified()
         return call
 
@@ -347,25 +567,27 @@ class _UnaryStreamAuth(_ClientAuth, grpc.aio.UnaryStreamClientInterceptor):  # t
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> AsyncIterator[Any]:
-        details, nonce = self.sign(client_call_details)
+        details, signed = self.sign(client_call_details)
         call = await continuation(details, request)
-        return self._verified(call, nonce)
+        return self._verified(call, *signed)
 
-    async def _verified(self, call: Any, nonce: str) -> AsyncIterator[Any]:
+    async def _verified(
+        self, call: Any, nonce: str, secrets_: tuple[bytes, ...]
+    ) -> AsyncIterator[Any]:
         # Checked at the first message, not at the headers: a refused call keeps its own error.
         checked = False
         async for response in call:
             if not checked:
-                if not verify_proof(await call.initial_metadata(), self.secret, nonce):
+                if not verify_proof(await call.initial_metadata(), secrets_, nonce):
                     call.cancel()
                     raise _unverified()
                 checked = True
             yield response
-        if not checked and not verify_proof(await call.initial_metadata(), self.secret, nonce):
+        if not checked and not verify_proof(await call.initial_metadata(), secrets_, nonce):
             raise _unverified()
 
 
-def client_interceptors(secret: bytes) -> list[Any]:
+def client_interceptors(secret: bytes | MeshSecret) -> list[Any]:
     """Interceptors for `grpc.aio.*_channel(interceptors=...)`: sign calls, verify the node."""
     return [_UnaryUnaryAuth(secret), _UnaryStreamAuth(secret)]
 

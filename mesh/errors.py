@@ -6,9 +6,12 @@ of the matching gRPC status code, so this module needs no grpc import.
 
     MeshError
      ├── InvalidRequest          INVALID_ARGUMENT   (names the field)
-     │    └── PromptTooLong      INVALID_ARGUMENT   (tokens > context)
+     │    ├── PromptTooLong      INVALID_ARGUMENT   (tokens > context)
+     │    └── RequestTooLarge    INVALID_ARGUMENT   (body over the size limit: HTTP 413)
      ├── ModelNotFound           NOT_FOUND          (names what is available)
      ├── Unauthenticated         UNAUTHENTICATED
+     ├── PermissionDenied        PERMISSION_DENIED  (an API key's role or models forbid it)
+     ├── RateLimited             RESOURCE_EXHAUSTED (an API key's concurrency cap: HTTP 429)
      ├── ModelLoadError          FAILED_PRECONDITION
      ├── Unavailable             UNAVAILABLE        (shutting down, no node)
      ├── Overloaded              RESOURCE_EXHAUSTED (queue full)
@@ -50,6 +53,16 @@ class PromptTooLong(InvalidRequest):
         self.maximum = maximum
 
 
+class RequestTooLarge(InvalidRequest):
+    """The HTTP request body is larger than the coordinator accepts (`limit` bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"request body is too large: the limit is {limit} bytes ({limit / 2**20:g} MB)"
+        )
+        self.limit = limit
+
+
 class ModelNotFound(MeshError):
     """No model of that name here; the message lists what is available."""
 
@@ -65,6 +78,24 @@ class ModelNotFound(MeshError):
 
 class Unauthenticated(MeshError):
     code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MeshError):
+    """The caller is known but may not do this (an API key's role or allowed models)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class RateLimited(MeshError):
+    """The caller has too many requests running (an API key's `max_concurrent`).
+
+    Not an `Overloaded`: the mesh has room, this caller has used its share."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelLoadError(MeshError):
@@ -98,6 +129,7 @@ class BackendError(MeshError):
 _BY_CODE: dict[str, type[MeshError]] = {
     "INVALID_ARGUMENT": InvalidRequest,
     "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
     "FAILED_PRECONDITION": ModelLoadError,
     "UNAVAILABLE": Unavailable,
     "RESOURCE_EXHAUSTED": Overloaded,

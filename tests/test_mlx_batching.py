@@ -86,6 +86,17 @@ async def test_seed_reproduces_inside_a_batch(client: NodeClient) -> None:
     assert len(alone) > 8
 
 
+async def test_a_top_k_past_the_vocabulary_fails_nothing(client: NodeClient) -> None:
+    """Found by fuzzing: top_k beyond the vocabulary made mlx-lm raise inside the batch
+    step, which ended every request in the batch. It now means "keep every token"."""
+    greedy = chat(PROMPTS[3], temperature=0.0, max_tokens=8)
+    expected = text_of(await collect(client, greedy))
+    huge = chat(PROMPTS[0], temperature=0.8, top_k=17_393_665, max_tokens=8)
+    a, b = await asyncio.gather(collect(client, huge), collect(client, greedy))
+    assert finish_of(a).usage.completion_tokens == 8
+    assert text_of(b) == expected and finish_of(b).reason is FinishReason.LENGTH
+
+
 async def test_stop_sequences_and_max_tokens_hold_per_request(client: NodeClient) -> None:
     stop = chat(PROMPTS[0], temperature=0.0, max_tokens=16, stop=["Paris"])
     short = chat(PROMPTS[0], temperature=0.0, max_tokens=4)

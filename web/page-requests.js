@@ -22,7 +22,7 @@ function row(r) {
     : `${r.requested} → ${r.model}`;
   return el("tr", { class: r.ok ? "ok" : "failed", "data-seq": r.seq, "data-id": r.id },
     el("td", { title: new Date(r.time * 1000).toISOString() }, clock(r.time)),
-    el("td", {}, r.api),
+    el("td", {}, r.api, r.key ? el("div", { class: "muted req-key" }, r.key) : null),
     el("td", { class: "req-model" }, name, r.rule ? el("div", { class: "muted" }, r.rule) : null),
     el("td", { class: "req-node" }, r.node ?? "–"),
     el("td", { title: r.placement || "" }, r.route_reason ?? "–"),
@@ -53,7 +53,7 @@ export default function requestsPage() {
   const count = el("span", { class: "muted", id: "req-count" });
   const body = el("tbody");
   const table = el("table", { id: "requests", class: "requests" },
-    el("thead", {}, el("tr", {}, ...["time", "API", "requested → model", "node", "route",
+    el("thead", {}, el("tr", {}, ...["time", "API / key", "requested → model", "node", "route",
       "prompt / cached", "out", "TTFT", "tok/s", "total", "outcome"]
       .map((h) => el("th", {}, h)))), body);
   main.replaceChildren(el("h2", {}, "Requests"),
@@ -70,7 +70,7 @@ export default function requestsPage() {
     if (fOutcome.value === "ok" && !r.ok) return false;
     if (fOutcome.value === "failed" && r.ok) return false;
     const t = fText.value.trim().toLowerCase();
-    if (t && ![r.id, r.requested, r.model, r.rule, r.node, r.route_reason, r.outcome]
+    if (t && ![r.id, r.requested, r.model, r.rule, r.node, r.route_reason, r.outcome, r.key]
       .some((v) => has(v, t))) return false;
     return true;
   }

@@ -114,6 +114,8 @@ export function subscribe(path, onData) {
     try {
       const resp = await fetch(path, { headers: headers(), signal: controller.signal });
       if (resp.status === 401) { askForKey(); setConn("API key needed", true); return; }
+      // A key whose role is not admin (docs/security.md), or the loopback guard: say why.
+      if (resp.status === 403) { askForKey(); setConn(await errorMessage(resp), true); return; }
       if (!resp.ok || !resp.body) throw new ApiError(await errorMessage(resp));
       setConn("live", false);
       delay = 1000;

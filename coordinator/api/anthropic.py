@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import RootModel
 
 from coordinator.api.anthropic_protocol import (
+    COUNT_LIMITS,
     ChatRequest,
     CountTokensRequest,
     MessagesRequest,
@@ -40,6 +41,8 @@ from coordinator.api.common import (
     respond,
     sse,
 )
+from coordinator.api.keys import caller, key_name
+from coordinator.keys import ApiKey
 from coordinator.service import ChatService
 from mesh import errors
 from mesh.types import (
@@ -252,7 +255,7 @@ class _JSONObject(RootModel[dict[str, Any]]):
 
 
 async def _parse(request: Request, model: type[R]) -> R:
-    return parse_request((await parse_body(request, _JSONObject)).root, model)
+    return parse_request((await parse_body(request, _JSONObject, COUNT_LIMITS)).root, model)
 
 
 @router.post("/v1/messages")
@@ -266,10 +269,10 @@ async def create_message(request: Request) -> Response:
         name = body.model
         params = to_sampling(body)
         prepared = await service.prepare(
-            body.model, to_chat_prompt(body), max_tokens=params.max_tokens
+            body.model, to_chat_prompt(body), max_tokens=params.max_tokens, key=caller(request)
         )
     except errors.MeshError as err:
-        service.rejected("anthropic", name, err)
+        service.rejected("anthropic", name, err, key=key_name(request))
         return anthropic_error(err)
     message_id = new_message_id()
     # The client's model name, as Anthropic does; x-macmesh-model says what answered.
@@ -277,16 +280,20 @@ async def create_message(request: Request) -> Response:
         message_id=message_id, model=body.model, input_tokens=prepared.prompt_tokens
     )
     headers = {**prepared.headers, "request-id": message_id}
-    events = service.generate(prepared, params, request_id=message_id, api="anthropic")
+    events = service.generate(
+        prepared, params, request_id=message_id, api="anthropic", key=key_name(request)
+    )
     interval = float(request.app.state.config.ping_interval)
 
     def complete(got: list[GenerateEvent]) -> Response:
         for event in got:
             builder.feed(event)
         builder.end()
+        # After the generation: the node that served it, if it moved.
+        done = {**prepared.headers, "request-id": message_id}
         if builder.error is not None:
-            return anthropic_error(builder.error, headers)
-        return JSONResponse(builder.message(), headers=headers)
+            return anthropic_error(builder.error, done)
+        return JSONResponse(builder.message(), headers=done)
 
     return await respond(
         request,
@@ -345,7 +352,9 @@ async def count_tokens(request: Request) -> Response:
     """`{"input_tokens": N}`: exactly what the node would prefill for this request."""
     try:
         body = await _parse(request, CountTokensRequest)
-        tokens = await _service(request).count_tokens(body.model, to_chat_prompt(body))
+        tokens = await _service(request).count_tokens(
+            body.model, to_chat_prompt(body), key=caller(request)
+        )
     except errors.PromptTooLong as err:
         tokens = err.tokens  # counting is still meaningful for a prompt that would not fit
     except errors.MeshError as err:
@@ -362,13 +371,13 @@ def _model_object(model_id: str, display_name: str = "") -> dict[str, Any]:
     }
 
 
-def anthropic_models_body(service: ChatService) -> dict[str, Any]:
-    """Anthropic's model list of every servable name.
+def anthropic_models_body(service: ChatService, key: ApiKey | None = None) -> dict[str, Any]:
+    """Anthropic's model list of every servable name (`key`'s allowed ones).
 
     The OpenAI router owns `GET /v1/models` and returns this when the request
     carries an `anthropic-version` header.
     """
-    names = service.available_names()
+    names = service.available_names(key)
     return {
         "data": [_model_object(n) for n in names],
         "has_more": False,
@@ -380,14 +389,14 @@ def anthropic_models_body(service: ChatService) -> dict[str, Any]:
 @router.get("/anthropic/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """Anthropic's model list (pagination parameters are accepted; it is one page)."""
-    return JSONResponse(anthropic_models_body(_service(request)))
+    return JSONResponse(anthropic_models_body(_service(request), caller(request)))
 
 
 @router.get("/anthropic/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
     """One model, by any name that resolves (a Claude name shows what answers it)."""
     try:
-        resolution = _service(request).resolve(model_id)
+        resolution = _service(request).resolve_for(model_id, caller(request))
     except errors.MeshError as err:
         return anthropic_error(err)
     return JSONResponse(_model_object(model_id, resolution.model))

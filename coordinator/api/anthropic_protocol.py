@@ -25,11 +25,19 @@ from pydantic import (
     ValidationError,
 )
 
+from coordinator.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
 from mesh import errors
 from mesh.sampling import check_sampling
 from mesh.types import ChatPrompt, Message, SamplingParams, Tool, ToolCall
 
 R = TypeVar("R", bound="ChatRequest")
+
+# The most items these list fields may hold (checked before validation).
+COUNT_LIMITS = {
+    "messages": MAX_MESSAGES,
+    "tools": MAX_TOOLS,
+    "stop_sequences": MAX_STOP_SEQUENCES,
+}
 
 # Prefix of the union tags; `parse_request` strips these from error locations.
 _TAG = "block:"
@@ -81,7 +89,8 @@ class OtherBlock(_Open):
 
 def _block_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return _TAG + (kind if kind in _KNOWN_BLOCKS else "other")
+    # Not a string (`{"type": {}}`): "other", whose validation names the field.
+    return _TAG + (kind if isinstance(kind, str) and kind in _KNOWN_BLOCKS else "other")
 
 
 def _blocks(value: Any) -> Any:

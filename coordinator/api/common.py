@@ -10,27 +10,31 @@ Each API maps `mesh.errors` to its own envelope here, once:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Callable
+import logging
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
+from starlette.types import Message, Send
 
+from coordinator.limits import check_counts, decode_json
 from mesh import errors
 from mesh.types import GenerateEvent
 
 M = TypeVar("M", bound=BaseModel)
 
+log = logging.getLogger(__name__)
+
 
 async def json_body(request: Request) -> Any:
-    """The request body as JSON; InvalidRequest when it is not (the admin routes' bodies)."""
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    """The request body as JSON; InvalidRequest when it is not (the admin routes' bodies),
+    or when it breaks a limit (`coordinator.limits`: size, nesting)."""
+    return decode_json(await request.body())
 
 
 async def json_object(request: Request, expected: str = "expected a JSON object") -> dict[str, Any]:
@@ -59,10 +63,16 @@ RETRY_AFTER_SECONDS = 5
 
 def http_status(err: errors.MeshError) -> int:
     """The HTTP status for a mesh error."""
+    if isinstance(err, errors.RequestTooLarge):
+        return 413
     if isinstance(err, errors.InvalidRequest):
         return 400
     if isinstance(err, errors.Unauthenticated):
         return 401
+    if isinstance(err, errors.PermissionDenied):
+        return 403
+    if isinstance(err, errors.RateLimited):
+        return 429
     if isinstance(err, errors.ModelNotFound):
         return 404
     if isinstance(err, errors.Unavailable | errors.Overloaded):
@@ -75,7 +85,10 @@ def http_status(err: errors.MeshError) -> int:
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
     499: "api_error",
     500: "api_error",
     503: "overloaded_error",
@@ -83,7 +96,10 @@ _ANTHROPIC_TYPES = {
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
     499: "server_error",
     500: "server_error",
     503: "server_error",
@@ -115,8 +131,14 @@ def openai_error_body(err: errors.MeshError) -> dict[str, Any]:
         code = "model_not_found"
     elif isinstance(err, errors.PromptTooLong):
         code = "context_length_exceeded"
+    elif isinstance(err, errors.RequestTooLarge):
+        code = "request_too_large"
     elif isinstance(err, errors.Unauthenticated):
         code = "invalid_api_key"
+    elif isinstance(err, errors.PermissionDenied):
+        code = "forbidden"
+    elif isinstance(err, errors.RateLimited):
+        code = "rate_limit_exceeded"
     param = err.field if isinstance(err, errors.InvalidRequest) and err.field else None
     return {
         "error": {
@@ -139,6 +161,22 @@ def openai_error(
     return JSONResponse(body, status, headers=_headers(status, headers))
 
 
+def http_error(
+    status: int, message: str, *, anthropic: bool, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error the framework raised (no route, wrong method, bad query parameter) in the
+    caller's envelope, with its own status."""
+    if anthropic:
+        kind = _ANTHROPIC_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status, headers=headers)
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -149,10 +187,16 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def validation_error(exc: ValidationError) -> errors.InvalidRequest:
-    """Pydantic's first error as an InvalidRequest naming the field."""
+_PARAMETER_SOURCES = ("query", "path", "header", "cookie")
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> errors.InvalidRequest:
+    """Pydantic's (or FastAPI's parameter check's) first error as an InvalidRequest naming
+    the field."""
     first = exc.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    if isinstance(exc, RequestValidationError) and loc and loc[0] in _PARAMETER_SOURCES:
+        loc = loc[1:]
     field = _loc(loc)
     msg = first["msg"]
     if first["type"] == "missing":
@@ -160,17 +204,21 @@ def validation_error(exc: ValidationError) -> errors.InvalidRequest:
     return errors.InvalidRequest(msg[0].lower() + msg[1:] if msg else "invalid", field=field)
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Parse and validate a JSON body; InvalidRequest names the bad field."""
+async def parse_body(
+    request: Request, model: type[M], counts: Mapping[str, int] | None = None
+) -> M:
+    """Parse and validate a JSON body; InvalidRequest names the bad field.
+
+    `counts`: the most items each list field may hold (`coordinator.limits`), checked
+    before validation.
+    """
     raw = await request.body()
     if not raw:
         raise errors.InvalidRequest("request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    data = decode_json(raw)
     if not isinstance(data, dict):
         raise errors.InvalidRequest("request body must be a JSON object")
+    check_counts(data, counts or {})
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -229,6 +277,51 @@ async def gather_events(
 Events = AsyncGenerator[GenerateEvent, None]
 
 
+class BoundedStreamingResponse(StreamingResponse):
+    """A stream that gives up on a client that stops reading.
+
+    uvicorn stops taking writes once its buffer to the client is full (64 KiB), so
+    a stalled client holds at most that much here and the node's stream is no longer
+    read; gRPC's flow control then pauses the node. A write blocked for
+    `send_timeout` seconds ends the response: the body and the node's stream close
+    (the node cancels the generation), and the connection is dropped.
+    """
+
+    def __init__(self, *args: Any, send_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.send_timeout = send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        stalled = False
+
+        async def timed_send(message: Message) -> None:
+            nonlocal stalled
+            with anyio.move_on_after(self.send_timeout) as scope:
+                await send(message)
+            if scope.cancelled_caught:
+                stalled = True
+
+        await timed_send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if not stalled:
+            async for chunk in self.body_iterator:
+                data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode()
+                await timed_send({"type": "http.response.body", "body": data, "more_body": True})
+                if stalled:
+                    break
+        if stalled:
+            log.warning(
+                "client stopped reading for %g s; stream dropped, generation cancelled",
+                self.send_timeout,
+            )
+            if self.background is not None:
+                await self.background()  # closes the body and the node's stream
+            # Returning without the last message makes the server drop the connection.
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def respond(
     request: Request,
     events: Events,
@@ -256,8 +349,9 @@ async def respond(
         if stream is not None:
             body = stream(first, events)
             handed_off = True
-            return StreamingResponse(
+            return BoundedStreamingResponse(
                 body,
+                send_timeout=float(request.app.state.config.send_timeout),
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
                 # Runs after a disconnect too: closes a body that never started or

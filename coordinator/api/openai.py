@@ -26,7 +26,9 @@ from coordinator.api.common import (
     respond,
     sse,
 )
+from coordinator.api.keys import caller, key_name
 from coordinator.api.openai_protocol import (
+    COUNT_LIMITS,
     ChatCompletionRequest,
     CompletionRequest,
     to_chat,
@@ -268,11 +270,11 @@ async def chat_completions(request: Request) -> Response:
     """Chat completions, streaming (SSE) or not."""
     name: str | None = None
     try:
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest, COUNT_LIMITS)
         name = req.model
         prompt, params = to_chat(req)
     except errors.MeshError as err:
-        _service(request).rejected("openai", name, err)
+        _service(request).rejected("openai", name, err, key=key_name(request))
         return _error(err)
     return await _complete(request, req.model, prompt, params, req.stream, req.include_usage)
 
@@ -282,11 +284,11 @@ async def completions(request: Request) -> Response:
     """Legacy text completions: the prompt is tokenized as is, no chat template."""
     name: str | None = None
     try:
-        req = await parse_body(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest, COUNT_LIMITS)
         name = req.model
         prompt, params = to_completion(req)
     except errors.MeshError as err:
-        _service(request).rejected("openai", name, err)
+        _service(request).rejected("openai", name, err, key=key_name(request))
         return _error(err)
     return await _complete(request, req.model, prompt, params, req.stream, req.include_usage)
 
@@ -302,15 +304,19 @@ async def _complete(
     chat = isinstance(prompt, ChatPrompt)
     service = _service(request)
     try:
-        prepared = await service.prepare(model, prompt, max_tokens=params.max_tokens)
+        prepared = await service.prepare(
+            model, prompt, max_tokens=params.max_tokens, key=caller(request)
+        )
     except errors.MeshError as err:
-        service.rejected("openai", model, err)
+        service.rejected("openai", model, err, key=key_name(request))
         return _error(err, param=_param(err, "messages" if chat else "prompt"))
     headers = prepared.headers
     meta = ResponseMeta(
         f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model
     )
-    events = service.generate(prepared, params, request_id=meta.id, api="openai")
+    events = service.generate(
+        prepared, params, request_id=meta.id, api="openai", key=key_name(request)
+    )
     build = chat_completion if chat else text_completion
     chunker = Chunker(meta, chat=chat, include_usage=include_usage)
     return await respond(
@@ -318,7 +324,8 @@ async def _complete(
         events,
         headers=headers,
         stream=(lambda first, rest: _stream(first, rest, chunker)) if stream else None,
-        complete=lambda got: JSONResponse(build(got, meta), headers=headers),
+        # After the generation: the node that served it, if it moved.
+        complete=lambda got: JSONResponse(build(got, meta), headers=prepared.headers),
         error=lambda err, h: _error(err, headers=h),
     )
 
@@ -362,17 +369,16 @@ async def list_models(request: Request) -> JSONResponse:
         # Lazy: the two surfaces share this path, and only this branch needs the other.
         from coordinator.api.anthropic import anthropic_models_body
 
-        return JSONResponse(anthropic_models_body(service))
-    return JSONResponse(
-        {"object": "list", "data": [_model_object(n) for n in service.available_names()]}
-    )
+        return JSONResponse(anthropic_models_body(service, caller(request)))
+    names = service.available_names(caller(request))
+    return JSONResponse({"object": "list", "data": [_model_object(n) for n in names]})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
     """One model, by any name that resolves (as on the Anthropic surface); 404 otherwise."""
     try:
-        _service(request).resolve(model_id)
+        _service(request).resolve_for(model_id, caller(request))
     except errors.MeshError as err:
         return _error(err, param="model")
     return JSONResponse(_model_object(model_id))

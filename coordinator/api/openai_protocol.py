@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
 from mesh import errors
 from mesh.types import (
     ChatPrompt,
@@ -23,6 +24,8 @@ from mesh.types import (
     ToolCall,
 )
 
+# The most items these list fields may hold (`parse_body` checks them first).
+COUNT_LIMITS = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS, "stop": MAX_STOP_SEQUENCES}
 # Completions' documented default; chat has none (the node's default applies).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _UINT32 = 2**32 - 1

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import NO_KEY
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.service import ChatService
 
@@ -35,6 +36,8 @@ async def metrics(request: Request) -> Response:
         m.id for v in service.registry.online() if v.state for m in v.state.models if m.loaded
     }
     service.metrics.preinit(service.settings.routing(), loaded)
+    keys = request.app.state.keys
+    service.metrics.preinit_keys(keys.names() if keys.enabled else [NO_KEY])
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(registry), media_type=content_type)
 

@@ -59,6 +59,7 @@ def _query(request: Request) -> tuple[RequestFilter, int, int]:
         model=params.get("model") or None,
         node=params.get("node") or None,
         api=params.get("api") or None,
+        key=params.get("key") or None,
         ok=ok,
         text=params.get("q") or None,
     )

@@ -107,7 +107,9 @@ def make_sampler(s: ResolvedSampling) -> Callable[[Any], Any] | None:
             logprobs = apply_top_p(logprobs, s.top_p)
         if s.min_p > 0.0:
             logprobs = apply_min_p(logprobs, s.min_p)
-        if s.top_k > 0:
+        # top_k at or past the vocabulary keeps every token (mlx-lm raises, which would
+        # fail the whole batch step: every request in it).
+        if 0 < s.top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, s.top_k)
         key[0], sub = mx.random.split(key[0])
         return mx.random.categorical(logprobs * inv_temp, key=sub)
