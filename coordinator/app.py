@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
 
 from coordinator.api import (
     admin,
     anthropic,
+    audio,
     hub,
     lifecycle,
     model_files,
     openai,
+    openapi,
     prometheus,
     requests,
     web,
 )
-from coordinator.api.common import anthropic_error, openai_error
+from coordinator.api.body_limit import BodyLimit
+from coordinator.api.common import anthropic_error, http_error, openai_error, validation_error
+from coordinator.api.keys import KeyGate
+from coordinator.audio import AudioService
 from coordinator.config import CoordinatorConfig
+from coordinator.keys import KEY_FILE, KeyStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.nodes import NodeRegistry
 from coordinator.peers import StaticPeers
@@ -34,7 +41,6 @@ from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
 from mesh.auth import channel_credentials
 from mesh.discovery import Browser, Peer
-from mesh.errors import Unauthenticated
 from mesh.metrics import new_registry
 from mesh.version import __version__
 
@@ -57,25 +63,6 @@ def _is_anthropic(request: Request) -> bool:
     if path.startswith(("/anthropic/", "/v1/messages")):
         return True
     return path == "/v1/models" and "anthropic-version" in request.headers
-
-
-def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key:
-        return key
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _key_ok(presented: str | None, keys: frozenset[str]) -> bool:
-    if presented is None:
-        return False
-    # Constant-time against every key, so timing says nothing about which matched.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(presented.encode(), key.encode())
-    return ok
 
 
 def _browser(config: CoordinatorConfig, registry: NodeRegistry) -> Browser:
@@ -112,6 +99,12 @@ def create_app(
         else None
     )
     registry = registry or NodeRegistry(secret=config.secret, credentials=credentials)
+    # Raises KeyFileError (an AuthConfigError: the CLI's clear refusal) for a bad key file.
+    keys = KeyStore(
+        config.api_keys,
+        config.api_keys_file or config.home / KEY_FILE,
+        required=config.api_keys_file is not None,
+    )
     settings = SettingsStore(config.home, default_model=config.default_model)
     metrics_registry = new_registry() if metrics_registry is None else metrics_registry
     metrics = CoordinatorMetrics(metrics_registry, registry)
@@ -164,23 +157,33 @@ def create_app(
     app.state.peers = peers
     app.state.settings = settings
     app.state.service = service
+    app.state.audio = AudioService(service)
     app.state.metrics_registry = metrics_registry
+    app.state.keys = keys
 
-    if config.api_keys:
+    # Innermost middleware (added first): handlers see the limit's error as it is, not
+    # wrapped by the task groups of the middlewares below; the key check comes first.
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, is_anthropic=_is_anthropic)
 
-        @app.middleware("http")
-        async def require_key(
-            request: Request, call_next: Callable[[Request], Awaitable[Response]]
-        ) -> Response:
-            if _open_path(request.url.path) or _key_ok(_presented_key(request), config.api_keys):
-                return await call_next(request)
-            err = Unauthenticated(
-                "invalid or missing API key (send x-api-key or Authorization: Bearer)"
-            )
-            return anthropic_error(err) if _is_anthropic(request) else openai_error(err)
+    # API keys (--api-key, the key file): roles, per-key caps (coordinator.keys, api/keys.py).
+    if keys.enabled:
+        app.add_middleware(KeyGate, store=keys, open_path=_open_path, is_anthropic=_is_anthropic)
 
-    if not config.api_keys and not config.ui_open:
+    if not keys.enabled and not config.ui_open:
         app.middleware("http")(web.loopback_guard)
+
+    # The framework's own errors (no such route, wrong method, a query parameter of the
+    # wrong type) in the caller's envelope too, not FastAPI's {"detail": ...}.
+    @app.exception_handler(HTTPException)
+    async def framework_error(request: Request, exc: HTTPException) -> Response:
+        return http_error(
+            exc.status_code, str(exc.detail), anthropic=_is_anthropic(request), headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def parameter_error(request: Request, exc: RequestValidationError) -> Response:
+        err = validation_error(exc)
+        return anthropic_error(err) if _is_anthropic(request) else openai_error(err)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root(request: Request) -> Response:
@@ -195,6 +198,7 @@ def create_app(
 
     app.include_router(anthropic.router)
     app.include_router(openai.router)
+    app.include_router(audio.router)
     app.include_router(admin.router)
     app.include_router(lifecycle.router)
     app.include_router(hub.router)
@@ -202,4 +206,5 @@ def create_app(
     app.include_router(requests.router)
     app.include_router(prometheus.router)
     app.include_router(web.router)
+    openapi.install(app)
     return app

@@ -28,6 +28,7 @@ from routing.policy import POLICY_NAMES
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
+    from mesh.auth import MeshSecret
 
 log = logging.getLogger("macmesh")
 
@@ -68,14 +69,20 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _secret() -> bytes | None:
-    from mesh.auth import load_secret
+def _secret() -> MeshSecret | None:
+    from mesh.auth import MeshSecret
 
-    return load_secret(macmesh_home())
+    # Follows $MACMESH_HOME/secret and secret.previous: a rotation needs no restart.
+    return MeshSecret.from_home(macmesh_home())
 
 
 def _add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    p.add_argument(
+        "--no-audio",
+        action="store_true",
+        help="serve no voice models (PocketSphinx, eSpeak NG, MLX speech; docs/voice.md)",
+    )
     p.add_argument(
         "--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (0 = any free port)"
     )
@@ -239,6 +246,7 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         shutdown_grace=args.shutdown_grace,
         sampling=SamplingDefaults(),
         sim_models=sims,
+        audio=not getattr(args, "no_audio", False),
         secret=_secret(),
         insecure=args.insecure,
         tls_cert=args.tls_cert,
@@ -297,6 +305,13 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
         help="require this key on every route but health (repeatable; also MACMESH_API_KEYS)",
     )
     p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="PATH",
+        help="named API keys with roles, concurrency caps and allowed models (default "
+        "$MACMESH_HOME/api_keys.json if it exists; docs/security.md)",
+    )
+    p.add_argument(
         "--ui-open",
         action="store_true",
         help="without API keys, serve the web UI and /api/* to the network too, not only "
@@ -309,6 +324,14 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, port_flag: str = "--por
         metavar="N",
         help="recent requests kept in memory for /api/requests, `macmesh requests` and the "
         "web UI's Requests page (default 1000; older ones are only in the log file)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=_positive_int,
+        default=32,
+        metavar="MB",
+        help="largest request body accepted, in MiB; larger ones get HTTP 413 (default 32, "
+        "Anthropic's own limit; docs/reliability.md)",
     )
 
 
@@ -326,8 +349,10 @@ def _coordinator_config(
         peers=tuple(dict.fromkeys(args.peer)),
         default_model=args.default_model or default_model,
         api_keys=frozenset(keys),
+        api_keys_file=args.api_keys_file,
         ui_open=args.ui_open,
         request_log_size=args.request_log_size,
+        max_body_bytes=args.max_body_mb * 2**20,
         routing_policy=args.routing_policy,
         secret=_secret(),
         tls_ca=args.tls_ca,
@@ -356,6 +381,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     from mesh.auth import AuthConfigError, init_secret
 
     home = macmesh_home()
+    if args.rotate:
+        return _rotate(home, args)
+    if args.from_file is not None or args.window is not None:
+        print("macmesh: --from and --window go with --rotate", file=sys.stderr)
+        return 1
     try:
         path = init_secret(home, force=args.force)
     except (AuthConfigError, FileExistsError) as exc:
@@ -363,6 +393,27 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 1
     print(f"mesh secret written to {path} (mode 0600)")
     print("copy this file to ~/.macmesh/secret on every Mac of the mesh (or set MACMESH_SECRET)")
+    return 0
+
+
+def _rotate(home: Path, args: argparse.Namespace) -> int:
+    """`macmesh init --rotate`: the old secret stays accepted for the window (docs/security.md)."""
+    from mesh.auth import PREVIOUS_FILE, ROTATION_WINDOW_S, AuthConfigError, rotate_secret
+
+    window = ROTATION_WINDOW_S if args.window is None else args.window
+    try:
+        new = None
+        if args.from_file is not None:
+            new = sys.stdin.read() if str(args.from_file) == "-" else args.from_file.read_text()
+        path = rotate_secret(home, new, window=window)
+    except (AuthConfigError, OSError) as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    print(f"new mesh secret in {path}; the old one, in {home / PREVIOUS_FILE}, is accepted "
+          f"for {window:g} s more")  # fmt: skip
+    if args.from_file is None:
+        print(f"copy {path} to every other Mac and run there, within that window: "
+              "macmesh init --rotate --from COPIED_FILE")  # fmt: skip
     return 0
 
 
@@ -444,6 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create this mesh's secret ($MACMESH_HOME/secret)")
     p.add_argument("--force", action="store_true", help="replace an existing secret")
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate the secret without downtime: the old one stays accepted for --window "
+        "seconds (running nodes and coordinators follow the files; docs/security.md)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        type=Path,
+        metavar="FILE",
+        help="with --rotate: the new secret, copied from the Mac that rotated first (- = stdin)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        metavar="SECONDS",
+        help="with --rotate: how long the old secret stays accepted (default 3600)",
+    )
     p.set_defaults(func=cmd_init)
 
     from macmesh.cli_models import add_models_parser
@@ -453,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     from macmesh.cli_requests import add_requests_parser
 
     add_requests_parser(sub)
+
+    from macmesh.cli_audio import add_audio_parsers
+
+    add_audio_parsers(sub)
 
     p = sub.add_parser("status", help="table of the mesh's nodes as a coordinator sees them")
     p.add_argument(

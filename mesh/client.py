@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 
 from mesh import errors, wire
-from mesh.auth import client_interceptors
+from mesh.audio import AudioChunk, SpeakRequest, TranscribeRequest, Transcription
+from mesh.auth import MeshSecret, client_interceptors
 from mesh.types import (
     ChatPrompt,
     GenerateEvent,
@@ -64,7 +65,7 @@ class NodeClient:
         target: str,
         *,
         timeout: float | None = None,
-        secret: bytes | None = None,
+        secret: bytes | MeshSecret | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """`secret`: the mesh secret (every call authenticated, the node's proof checked);
@@ -106,6 +107,28 @@ class NodeClient:
         try:
             async for msg in call:
                 yield wire.event_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        finally:
+            call.cancel()
+
+    async def transcribe(self, request: TranscribeRequest) -> Transcription:
+        """Speech to text on the node (an "stt" model)."""
+        try:
+            resp = await self._stub.Transcribe(
+                wire.transcribe_request_to_pb(request), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return wire.transcription_from_pb(resp)
+
+    async def speak(self, request: SpeakRequest) -> AsyncGenerator[AudioChunk, None]:
+        """Text to speech, chunk by chunk as the node's engine produces them; errors before
+        the first chunk raise `MeshError`; stopping cancels the call."""
+        call = self._stub.Speak(wire.speak_request_to_pb(request), timeout=self.timeout)
+        try:
+            async for msg in call:
+                yield wire.audio_chunk_from_pb(msg)
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc) from None
         finally:

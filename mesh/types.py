@@ -207,6 +207,8 @@ class ModelInfo:
     estimate_error: float = 0.0
     # Loaded: seconds since a request for it last ran here (0 while one runs).
     idle_seconds: float = 0.0
+    # chat | stt | tts (mesh.audio)
+    kind: str = "chat"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,14 @@ from typing import Any
 import grpc
 
 from mesh import errors
+from mesh.audio import (
+    KIND_CHAT,
+    AudioChunk,
+    SpeakRequest,
+    TranscribeRequest,
+    Transcription,
+    TranscriptSegment,
+)
 from mesh.types import (
     CachedPrefix,
     ChatPrompt,
@@ -319,6 +327,7 @@ def model_to_pb(m: ModelInfo) -> pb.ModelInfo:
         kv_bytes_per_token=m.kv_bytes_per_token,
         estimate_error=m.estimate_error,
         idle_seconds=m.idle_seconds,
+        kind=m.kind,
     )
 
 
@@ -339,6 +348,7 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         kv_bytes_per_token=m.kv_bytes_per_token,
         estimate_error=m.estimate_error,
         idle_seconds=m.idle_seconds,
+        kind=m.kind or KIND_CHAT,  # an older node's models are chat models
     )
 
 
@@ -465,3 +475,76 @@ def transfer_from_pb(m: pb.Transfer) -> Transfer:
         finished=m.finished,
         path=m.path,
     )
+
+
+# ---------- voice ----------
+
+
+def transcribe_request_to_pb(r: TranscribeRequest) -> pb.TranscribeRequest:
+    return pb.TranscribeRequest(
+        model=r.model,
+        audio=r.audio,
+        format=r.format,
+        language=r.language,
+        request_id=r.request_id,
+    )
+
+
+def transcribe_request_from_pb(m: pb.TranscribeRequest) -> TranscribeRequest:
+    return TranscribeRequest(
+        model=m.model,
+        audio=m.audio,
+        format=m.format,
+        language=m.language,
+        request_id=m.request_id,
+    )
+
+
+def transcription_to_pb(t: Transcription) -> pb.TranscribeResponse:
+    return pb.TranscribeResponse(
+        text=t.text,
+        segments=[pb.TranscriptSegment(start=s.start, end=s.end, text=s.text) for s in t.segments],
+        duration=t.duration,
+        seconds=t.seconds,
+        language=t.language,
+    )
+
+
+def transcription_from_pb(m: pb.TranscribeResponse) -> Transcription:
+    return Transcription(
+        text=m.text,
+        segments=tuple(TranscriptSegment(s.start, s.end, s.text) for s in m.segments),
+        duration=m.duration,
+        seconds=m.seconds,
+        language=m.language,
+    )
+
+
+def speak_request_to_pb(r: SpeakRequest) -> pb.SpeakRequest:
+    return pb.SpeakRequest(
+        model=r.model,
+        input=r.input,
+        voice=r.voice,
+        speed=r.speed,
+        format=r.format,
+        request_id=r.request_id,
+    )
+
+
+def speak_request_from_pb(m: pb.SpeakRequest) -> SpeakRequest:
+    return SpeakRequest(
+        model=m.model,
+        input=m.input,
+        voice=m.voice,
+        speed=m.speed or 1.0,
+        format=m.format or "wav",
+        request_id=m.request_id,
+    )
+
+
+def audio_chunk_to_pb(c: AudioChunk) -> pb.AudioChunk:
+    return pb.AudioChunk(data=c.data, sample_rate=c.sample_rate, content_type=c.content_type)
+
+
+def audio_chunk_from_pb(m: pb.AudioChunk) -> AudioChunk:
+    return AudioChunk(data=m.data, sample_rate=m.sample_rate, content_type=m.content_type)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.auth import MeshSecret
 from mesh.paths import DEFAULT_GRPC_PORT, macmesh_home
 from routing.prefix import DEFAULT_BLOCK_SIZE
 
@@ -237,8 +238,12 @@ class NodeConfig:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     # SIMULATED models (benchmarks, routing tests): served by node.backends.sim.
     sim_models: tuple[SimModelSpec, ...] = ()
-    # Mesh secret (mesh.auth); None = open, allowed only on loopback unless `insecure`.
-    secret: bytes | None = None
+    # Voice models (node.backends.speech: PocketSphinx, eSpeak NG, MLX engines on Macs).
+    # Off by default for embedded nodes; `macmesh node` / `up` turn it on (--no-audio: off).
+    audio: bool = False
+    # Mesh secret (mesh.auth; a MeshSecret follows its key files); None = open, allowed
+    # only on loopback unless `insecure`.
+    secret: bytes | MeshSecret | None = None
     insecure: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

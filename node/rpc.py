@@ -115,6 +115,40 @@ class NodeServicer(pb_grpc.NodeServicer):
         finally:
             self.core.withdraw_model_paths(token)
 
+    # ---------- voice (node.backends.speech) ----------
+
+    async def Transcribe(
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.TranscribeResponse:
+        try:
+            result = await self.core.transcribe(wire.transcribe_request_from_pb(request))
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return wire.transcription_to_pb(result)
+
+    async def Speak(
+        self, request: pb.SpeakRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.AudioChunk]:
+        stream = self.core.speak(wire.speak_request_from_pb(request))
+        try:
+            # Rejections before the first chunk travel as a status.
+            first = await anext(stream, None)
+        except MeshError as err:
+            await stream.aclose()
+            await _abort(context, err)
+            return
+        try:
+            if first is not None:
+                yield wire.audio_chunk_to_pb(first)
+                async for chunk in stream:
+                    yield wire.audio_chunk_to_pb(chunk)
+        except MeshError as err:
+            # Mid-stream: the status ends the call (the client raises it).
+            await _abort(context, err)
+        finally:
+            await stream.aclose()
+
     # ---------- model files (node.models.pull / node.models.copy) ----------
 
     async def PullModel(

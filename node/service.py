@@ -17,7 +17,8 @@ from typing import TypeVar
 import psutil
 from prometheus_client import CollectorRegistry
 
-from mesh.errors import ModelLoadError, ModelNotFound, Overloaded, Unavailable
+from mesh.audio import AudioChunk, SpeakRequest, TranscribeRequest, Transcription
+from mesh.errors import InvalidRequest, ModelLoadError, ModelNotFound, Overloaded, Unavailable
 from mesh.types import (
     ChatPrompt,
     ErrorEvent,
@@ -35,6 +36,7 @@ from mesh.types import (
 from mesh.version import __version__
 from node.backends.base import Backend, BackendContext
 from node.backends.registry import FACTORIES
+from node.backends.speech import SpeechBackend
 from node.config import NodeConfig
 from node.metrics import NodeMetrics, RequestMetrics
 from node.models.catalog import Catalog
@@ -400,6 +402,44 @@ class NodeCore:
             # After the last event went out: observing costs the caller nothing.
             if rec is not None:
                 rec.close()
+
+    # ---------- voice (node.backends.speech) ----------
+
+    async def _speech(self, model: str) -> SpeechBackend:
+        if self.draining:
+            raise Unavailable("the node is shutting down")
+        backend = await self._backend(model)
+        if not isinstance(backend, SpeechBackend):
+            raise InvalidRequest(
+                f"model {model!r} is a chat model, not a speech model: use a speech-to-text "
+                "model with /v1/audio/transcriptions and a text-to-speech one with "
+                "/v1/audio/speech",
+                field="model",
+            )
+        return backend
+
+    async def transcribe(self, request: TranscribeRequest) -> Transcription:
+        backend = await self._speech(request.model)
+        self._active[request.model] = self._active.get(request.model, 0) + 1
+        self.notify()
+        try:
+            return await backend.transcribe(request)
+        finally:
+            self._release(request.model)
+
+    async def speak(self, request: SpeakRequest) -> AsyncGenerator[AudioChunk, None]:
+        """Speech chunks; errors before the first chunk raise `MeshError`."""
+        backend = await self._speech(request.model)
+        backend.check_speak(request)
+        self._active[request.model] = self._active.get(request.model, 0) + 1
+        self.notify()
+        stream = backend.speak(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+            self._release(request.model)
 
     def _release(self, model: str) -> None:
         self._active[model] -= 1

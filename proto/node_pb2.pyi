@@ -641,6 +641,7 @@ class ModelInfo(_message.Message):
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     ESTIMATE_ERROR_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     backend: _builtins.str
     """mlx | gguf"""
@@ -670,6 +671,10 @@ class ModelInfo(_message.Message):
     """Loaded models: seconds since a request for it last ran here (0 while one
     runs or waits); what idle TTLs and LRU eviction go by.
     """
+    kind: _builtins.str
+    """What it does: chat | stt (speech to text) | tts (text to speech). Empty (an
+    older node) = chat.
+    """
     def __init__(
         self,
         *,
@@ -688,10 +693,11 @@ class ModelInfo(_message.Message):
         kv_bytes_per_token: _builtins.int = ...,
         estimate_error: _builtins.float = ...,
         idle_seconds: _builtins.float = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "estimate_error", b"estimate_error", "estimated_bytes", b"estimated_bytes", "id", b"id", "idle_seconds", b"idle_seconds", "kv_bytes_per_token", b"kv_bytes_per_token", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "estimate_error", b"estimate_error", "estimated_bytes", b"estimated_bytes", "id", b"id", "idle_seconds", b"idle_seconds", "kind", b"kind", "kv_bytes_per_token", b"kv_bytes_per_token", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "path", b"path", "quantization", b"quantization", "size_bytes", b"size_bytes", "source", b"source", "supports_thinking", b"supports_thinking", "supports_tools", b"supports_tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1129,6 +1135,164 @@ class FileChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
+
+@_typing.final
+class TranscribeRequest(_message.Message):
+    """---------- voice ----------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    audio: _builtins.bytes
+    """The uploaded file's bytes, as sent."""
+    format: _builtins.str
+    """Container the caller named or sniffed: wav | mp3 | flac | ogg | webm | m4a | ..."""
+    language: _builtins.str
+    """ISO-639-1 code; empty = the engine's default."""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        audio: _builtins.bytes = ...,
+        format: _builtins.str = ...,
+        language: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "format", b"format", "language", b"language", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscribeRequest: _TypeAlias = TranscribeRequest  # noqa: Y015
+
+@_typing.final
+class TranscriptSegment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    start: _builtins.float
+    end: _builtins.float
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscriptSegment: _TypeAlias = TranscriptSegment  # noqa: Y015
+
+@_typing.final
+class TranscribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    duration: _builtins.float
+    """Seconds of audio."""
+    seconds: _builtins.float
+    """Seconds the engine took (decoding included)."""
+    language: _builtins.str
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptSegment]: ...
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        segments: _abc.Iterable[Global___TranscriptSegment] | None = ...,
+        duration: _builtins.float = ...,
+        seconds: _builtins.float = ...,
+        language: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "language", b"language", "seconds", b"seconds", "segments", b"segments", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranscribeResponse: _TypeAlias = TranscribeResponse  # noqa: Y015
+
+@_typing.final
+class SpeakRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    input: _builtins.str
+    voice: _builtins.str
+    """The engine's voice name, or an OpenAI one (alloy, echo, ...) mapped to it."""
+    speed: _builtins.float
+    """0.25 to 4.0; 0 = 1.0."""
+    format: _builtins.str
+    """wav | pcm | mp3 | flac | opus | aac"""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input: _builtins.str = ...,
+        voice: _builtins.str = ...,
+        speed: _builtins.float = ...,
+        format: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "input", b"input", "model", b"model", "request_id", b"request_id", "speed", b"speed", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeakRequest: _TypeAlias = SpeakRequest  # noqa: Y015
+
+@_typing.final
+class AudioChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    sample_rate: _builtins.int
+    """Set on the first chunk: the audio's sample rate and MIME type."""
+    content_type: _builtins.str
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        sample_rate: _builtins.int = ...,
+        content_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "sample_rate", b"sample_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioChunk: _TypeAlias = AudioChunk  # noqa: Y015
 
 @_typing.final
 class WatchStateRequest(_message.Message):

@@ -94,6 +94,16 @@ class NodeStub:
                 request_serializer=proto_dot_node__pb2.ReadModelFileRequest.SerializeToString,
                 response_deserializer=proto_dot_node__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.Transcribe = channel.unary_unary(
+                '/macmesh.v1.Node/Transcribe',
+                request_serializer=proto_dot_node__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.TranscribeResponse.FromString,
+                _registered_method=True)
+        self.Speak = channel.unary_stream(
+                '/macmesh.v1.Node/Speak',
+                request_serializer=proto_dot_node__pb2.SpeakRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.AudioChunk.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -187,6 +197,23 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transcribe(self, request, context):
+        """----- voice (docs/voice.md) -----
+        Speech to text with an "stt" model (ModelInfo.kind). INVALID_ARGUMENT for audio
+        that cannot be decoded, is empty or too long, or an unsupported format.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Speak(self, request, context):
+        """Text to speech with a "tts" model: the encoded audio (the requested container,
+        header first), streamed as the engine produces it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +276,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ReadModelFile,
                     request_deserializer=proto_dot_node__pb2.ReadModelFileRequest.FromString,
                     response_serializer=proto_dot_node__pb2.FileChunk.SerializeToString,
+            ),
+            'Transcribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transcribe,
+                    request_deserializer=proto_dot_node__pb2.TranscribeRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.TranscribeResponse.SerializeToString,
+            ),
+            'Speak': grpc.unary_stream_rpc_method_handler(
+                    servicer.Speak,
+                    request_deserializer=proto_dot_node__pb2.SpeakRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.AudioChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +612,60 @@ class Node:
             '/macmesh.v1.Node/ReadModelFile',
             proto_dot_node__pb2.ReadModelFileRequest.SerializeToString,
             proto_dot_node__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transcribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/Transcribe',
+            proto_dot_node__pb2.TranscribeRequest.SerializeToString,
+            proto_dot_node__pb2.TranscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Speak(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/macmesh.v1.Node/Speak',
+            proto_dot_node__pb2.SpeakRequest.SerializeToString,
+            proto_dot_node__pb2.AudioChunk.FromString,
             options,
             channel_credentials,
             insecure,

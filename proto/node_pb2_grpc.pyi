@@ -69,6 +69,15 @@ class NodeStub:
     """Source side of a copy: the model's files with their sizes and SHA-256."""
     ReadModelFile: _grpc.UnaryStreamMultiCallable[_node_pb2.ReadModelFileRequest, _node_pb2.FileChunk]
     """Source side of a copy: one file's bytes from an offset, in chunks."""
+    Transcribe: _grpc.UnaryUnaryMultiCallable[_node_pb2.TranscribeRequest, _node_pb2.TranscribeResponse]
+    """----- voice (docs/voice.md) -----
+    Speech to text with an "stt" model (ModelInfo.kind). INVALID_ARGUMENT for audio
+    that cannot be decoded, is empty or too long, or an unsupported format.
+    """
+    Speak: _grpc.UnaryStreamMultiCallable[_node_pb2.SpeakRequest, _node_pb2.AudioChunk]
+    """Text to speech with a "tts" model: the encoded audio (the requested container,
+    header first), streamed as the engine produces it.
+    """
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -106,6 +115,15 @@ class NodeAsyncStub(NodeStub):
     """Source side of a copy: the model's files with their sizes and SHA-256."""
     ReadModelFile: _aio.UnaryStreamMultiCallable[_node_pb2.ReadModelFileRequest, _node_pb2.FileChunk]  # type: ignore[assignment]
     """Source side of a copy: one file's bytes from an offset, in chunks."""
+    Transcribe: _aio.UnaryUnaryMultiCallable[_node_pb2.TranscribeRequest, _node_pb2.TranscribeResponse]  # type: ignore[assignment]
+    """----- voice (docs/voice.md) -----
+    Speech to text with an "stt" model (ModelInfo.kind). INVALID_ARGUMENT for audio
+    that cannot be decoded, is empty or too long, or an unsupported format.
+    """
+    Speak: _aio.UnaryStreamMultiCallable[_node_pb2.SpeakRequest, _node_pb2.AudioChunk]  # type: ignore[assignment]
+    """Text to speech with a "tts" model: the encoded audio (the requested container,
+    header first), streamed as the engine produces it.
+    """
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -212,5 +230,26 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_pb2.FileChunk], _abc.AsyncIterator[_node_pb2.FileChunk]]:
         """Source side of a copy: one file's bytes from an offset, in chunks."""
+
+    @_abc_1.abstractmethod
+    def Transcribe(
+        self,
+        request: _node_pb2.TranscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.TranscribeResponse, _abc.Awaitable[_node_pb2.TranscribeResponse]]:
+        """----- voice (docs/voice.md) -----
+        Speech to text with an "stt" model (ModelInfo.kind). INVALID_ARGUMENT for audio
+        that cannot be decoded, is empty or too long, or an unsupported format.
+        """
+
+    @_abc_1.abstractmethod
+    def Speak(
+        self,
+        request: _node_pb2.SpeakRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.AudioChunk], _abc.AsyncIterator[_node_pb2.AudioChunk]]:
+        """Text to speech with a "tts" model: the encoded audio (the requested container,
+        header first), streamed as the engine produces it.
+        """
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

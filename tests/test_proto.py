@@ -45,4 +45,6 @@ def test_package_is_versioned() -> None:
         "DeleteModel",
         "ModelManifest",
         "ReadModelFile",
+        "Transcribe",
+        "Speak",
     }

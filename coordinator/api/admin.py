@@ -214,6 +214,7 @@ def _node_json(view: NodeView, stale_after: float, indexed: int) -> dict[str, An
                 {
                     "id": m.id,
                     "backend": m.backend,
+                    "kind": m.kind,
                     "loaded": m.loaded,
                     "context_length": m.context_length,
                     "size_bytes": m.size_bytes,
@@ -303,6 +304,7 @@ async def list_models(request: Request) -> JSONResponse:
             {
                 "id": model_id,
                 "backend": first.backend,
+                "kind": first.kind,  # chat | stt | tts (mesh.audio)
                 "context_length": first.context_length,
                 "quantization": first.quantization,
                 "size_bytes": first.size_bytes,

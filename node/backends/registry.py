@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from node.backends import llamacpp, mlx, sim
+from node.backends import llamacpp, mlx, sim, speech
 from node.backends.base import BackendFactory
 
 FACTORIES: tuple[BackendFactory, ...] = (
     sim.create,  # first: simulated models shadow anything of the same name on disk
+    speech.create,  # built-in voice models (mesh.audio), before anything on disk
     mlx.create,
     llamacpp.create,
 )
