@@ -12,22 +12,26 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 MACMESH = str(Path(sys.executable).parent / "macmesh")
-PAGES = ("mesh", "models", "chat", "routing", "requests")
-THEMES = ("light", "dark")
+PAGES = ("mesh", "models", "chat", "voice", "routing", "requests")
+VOICE_SAID = "what is the capital of France"
+THEMES: tuple[Literal["light", "dark"], ...] = ("light", "dark")
 NODES = {
     "studio": ["qwen3-30b-sim:3000:60,mem=18,load=0.3", "qwen3-4b-sim:6000:120"],
     "mbp-lab-2": ["qwen3-4b-sim:5000:100", "gemma-270m-sim:9000:300"],
@@ -127,15 +131,55 @@ def traffic(base: str) -> None:
         )
 
 
-def shoot(base: str, out: Path, chromium: str) -> list[Path]:
+def voice_turn(page: Any) -> None:
+    """One push-to-talk turn on the Voice page; the fake microphone says VOICE_SAID. (Only
+    selectors: the page's CSP forbids Playwright's evaluated predicates.)"""
+    for picker in ("#voice-stt", "#voice-tts"):
+        page.wait_for_selector(f"{picker} option:not([value=''])", state="attached")
+    page.wait_for_selector("#voice-model option[value=qwen3-4b-sim]", state="attached")
+    page.select_option("#voice-model", "qwen3-4b-sim")
+    page.fill("#voice-max-tokens", "16")
+    page.click("#voice-ptt")
+    page.wait_for_selector("#voice-state[data-vad=speech]", timeout=30_000)
+    page.wait_for_selector("#voice-state[data-vad=silence]", timeout=30_000)
+    page.click("#voice-ptt")
+    page.wait_for_selector("article.voice-turn:not(.busy)", timeout=60_000)
+
+
+def fake_mic(out: Path) -> list[str]:
+    """Chromium flags for a microphone that says VOICE_SAID (eSpeak NG), then 9 s of silence
+    (Chromium loops the file)."""
+    raw = out / "said.wav"
+    cmd = ["espeak-ng", "-v", "en-us+klatt", "-w", str(raw), VOICE_SAID]  # PocketSphinx's best
+    subprocess.run(cmd, check=True, timeout=30)
+    with wave.open(str(raw)) as w:
+        params, frames = w.getparams(), w.readframes(w.getnframes())
+    padded = out / "mic.wav"
+    with wave.open(str(padded), "wb") as w:
+        w.setparams(params)
+        second = b"\0" * (params.framerate * params.sampwidth * params.nchannels)
+        w.writeframes(second[: len(second) // 2] + frames + second * 9)
+    return [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={padded}",
+    ]
+
+
+def shoot(base: str, out: Path, chromium: str, tmp: Path) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     shots: list[Path] = []
+    # The Voice page needs a microphone: a fake one that speaks (eSpeak NG).
+    mic = fake_mic(tmp) if shutil.which("espeak-ng") else []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--headless=new"])
+        browser = pw.chromium.launch(executable_path=chromium, args=["--headless=new", *mic])
         for theme in THEMES:
             ctx = browser.new_context(
-                viewport={"width": 1280, "height": 820}, color_scheme=theme, device_scale_factor=1
+                viewport={"width": 1280, "height": 820},
+                color_scheme=theme,
+                device_scale_factor=1,
+                permissions=["microphone"] if mic else [],
             )
             page = ctx.new_page()
             for name in PAGES:
@@ -148,6 +192,12 @@ def shoot(base: str, out: Path, chromium: str) -> list[Path]:
                     page.click("#chat-send")
                     page.wait_for_selector(".msg.assistant .meta", timeout=30_000)
                     page.wait_for_selector("#chat-send:not([disabled])")
+                elif name == "voice":
+                    if mic:
+                        voice_turn(page)
+                    else:
+                        print("screenshots: no espeak-ng, so no voice turn (make espeak-ng)")
+                        page.wait_for_timeout(1200)
                 elif name == "requests":
                     page.wait_for_selector("#requests tbody tr[data-seq]")
                 elif name == "routing":
@@ -185,7 +235,7 @@ def main() -> int:
         procs["mini-3"].send_signal(signal.SIGTERM)  # an offline node, as a lab sees one
         procs["mini-3"].wait(15)
         time.sleep(3)
-        for path in shoot(base, args.out, args.chromium):
+        for path in shoot(base, args.out, args.chromium, Path(tmp)):
             print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return 0
 

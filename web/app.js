@@ -7,6 +7,7 @@ import meshPage from "./page-mesh.js";
 import modelsPage from "./page-models.js";
 import requestsPage from "./page-requests.js";
 import routingPage from "./page-routing.js";
+import voicePage from "./page-voice.js";
 import { onKeyEntered, setConn } from "./ui.js";
 
 // Re-exported for tests that render in the page.
@@ -17,6 +18,7 @@ const PAGES = {
   mesh: meshPage,
   models: modelsPage,
   chat: chatPage,
+  voice: voicePage,
   routing: routingPage,
   requests: requestsPage,
 };

@@ -39,7 +39,8 @@ export default function chatPage() {
     }
     try { routing = await api("/api/routing/config"); } catch (_) { /* tiers are optional */ }
     const groups = [];
-    const served = models.models.map((m) => m.id);
+    // Chat models only: voice models (kind stt / tts) have their own page.
+    const served = models.models.filter((m) => !m.kind || m.kind === "chat").map((m) => m.id);
     if (served.length) {
       groups.push(el("optgroup", { label: "Models" },
         served.map((id) => el("option", { value: id }, id))));

@@ -49,11 +49,13 @@ _TYPES = {
 }
 
 # Defence in depth behind the pages' textContent-only rendering: no inline script, no
-# other origin (no CDN), no framing.
+# other origin (no CDN), no framing. media-src allows the Voice page's spoken answers, which
+# play from blob: URLs (its AudioWorklet module is a script from 'self').
 _HEADERS = {
     "content-security-policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        "connect-src 'self'; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'none'"
     ),
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
