@@ -666,7 +666,8 @@ def test_plist_program_arguments_start_the_node(lab: Lab) -> None:
     log.write_text("from an earlier run\n" * 300)  # 6000 bytes: past the 4000-byte bound
     with run_like_launchd(plist) as proc:
         models = asyncio.run(wait_for_node(f"127.0.0.1:{port}", proc, log))
-        assert models == []
+        # No chat model (--no-default-model); the built-in voice engines may be there.
+        assert set(models) <= {"pocketsphinx-en", "espeak-ng"}
         text = log.read_text()
         assert f"macmesh node listening on 127.0.0.1:{port}" in text
         assert "from an earlier run" not in text  # bounded at start: moved to .1
