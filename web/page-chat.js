@@ -1,7 +1,9 @@
 // The Chat page: a streamed playground over the coordinator's own OpenAI API.
 
 import { renderMarkdown, splitThinking } from "./markdown.js";
-import { ApiError, api, askForKey, el, errorMessage, headers, main, num, readEvents } from "./ui.js";
+import {
+  ApiError, api, askForKey, chatModelGroups, el, errorMessage, headers, main, num, readEvents,
+} from "./ui.js";
 
 // ---- Chat page: a playground over the coordinator's own OpenAI API (streamed).
 export default function chatPage() {
@@ -38,27 +40,7 @@ export default function chatPage() {
       return;
     }
     try { routing = await api("/api/routing/config"); } catch (_) { /* tiers are optional */ }
-    const groups = [];
-    // Chat models only: voice models (kind stt / tts) have their own page.
-    const served = models.models.filter((m) => !m.kind || m.kind === "chat").map((m) => m.id);
-    if (served.length) {
-      groups.push(el("optgroup", { label: "Models" },
-        served.map((id) => el("option", { value: id }, id))));
-    }
-    const aliases = Object.entries(models.aliases || {});
-    if (aliases.length) {
-      groups.push(el("optgroup", { label: "Aliases" }, aliases.map(([name, target]) => {
-        const t = typeof target === "string" ? target : (target && target.model) || "";
-        return el("option", { value: name }, t ? `${name} → ${t}` : name);
-      })));
-    }
-    const tiers = Object.entries(routing.tiers || {}).map(([tier, target]) =>
-      [tier, typeof target === "string" ? target : (target && target.model) || ""])
-      .filter(([, t]) => t);
-    if (tiers.length) {
-      groups.push(el("optgroup", { label: "Claude tiers" }, tiers.map(([tier, t]) =>
-        el("option", { value: `claude-${tier}` }, `claude ${tier} → ${t}`))));
-    }
+    const groups = chatModelGroups(models, routing);
     const keep = select.value;
     select.replaceChildren(...groups);
     if (!groups.length) select.append(el("option", { value: "" }, "no models in the mesh"));

@@ -6,7 +6,9 @@
 // activity detection); speaking (or pressing) during an answer interrupts it.
 
 import { renderMarkdown, splitThinking } from "./markdown.js";
-import { ApiError, api, askForKey, el, errorMessage, headers, main, num, readEvents } from "./ui.js";
+import {
+  ApiError, api, askForKey, chatModelGroups, el, errorMessage, headers, main, num, readEvents,
+} from "./ui.js";
 
 const SETTINGS = "macmesh.voice";
 const TARGET_RATE = 16000; // what the WAV sent for transcription holds
@@ -229,25 +231,7 @@ export default function voicePage() {
       "no speech-to-text model in the mesh", saved.stt);
     fill(ttsSel, by.tts.map((m) => el("option", { value: m.id }, m.id)),
       "no text-to-speech model in the mesh", saved.tts);
-    const groups = [];
-    if (by.chat.length) {
-      groups.push(el("optgroup", { label: "Models" },
-        by.chat.map((m) => el("option", { value: m.id }, m.id))));
-    }
-    const aliases = Object.entries(models.aliases || {});
-    if (aliases.length) {
-      groups.push(el("optgroup", { label: "Aliases" }, aliases.map(([name, target]) => {
-        const t = typeof target === "string" ? target : (target && target.model) || "";
-        return el("option", { value: name }, t ? `${name} → ${t}` : name);
-      })));
-    }
-    const tiers = Object.entries(routing.tiers || {}).map(([tier, target]) =>
-      [tier, typeof target === "string" ? target : (target && target.model) || ""])
-      .filter(([, t]) => t);
-    if (tiers.length) {
-      groups.push(el("optgroup", { label: "Claude tiers" }, tiers.map(([tier, t]) =>
-        el("option", { value: `claude-${tier}` }, `claude ${tier} → ${t}`))));
-    }
+    const groups = chatModelGroups(models, routing);
     fill(chatSel, groups, "no chat model in the mesh", saved.chat);
     ttsModels = by.tts;
     fillVoices();

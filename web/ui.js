@@ -149,3 +149,29 @@ export function onKeyEntered(callback) {
     callback();
   });
 }
+
+// The chat-model picker's groups, shared by the Chat and Voice pages: served chat models
+// (voice models, kind stt / tts, are left out), aliases with their targets, and the Claude
+// tiers that have a model (sent as `claude-<tier>`). `models`: GET /api/models; `routing`:
+// GET /api/routing/config (or {}).
+export function chatModelGroups(models, routing) {
+  const groups = [];
+  const served = (models.models || []).filter((m) => !m.kind || m.kind === "chat").map((m) => m.id);
+  if (served.length) {
+    groups.push(el("optgroup", { label: "Models" },
+      served.map((id) => el("option", { value: id }, id))));
+  }
+  const target = (t) => (typeof t === "string" ? t : (t && t.model) || "");
+  const aliases = Object.entries(models.aliases || {});
+  if (aliases.length) {
+    groups.push(el("optgroup", { label: "Aliases" }, aliases.map(([name, t]) =>
+      el("option", { value: name }, target(t) ? `${name} → ${target(t)}` : name))));
+  }
+  const tiers = Object.entries(routing.tiers || {}).map(([tier, t]) => [tier, target(t)])
+    .filter(([, t]) => t);
+  if (tiers.length) {
+    groups.push(el("optgroup", { label: "Claude tiers" }, tiers.map(([tier, t]) =>
+      el("option", { value: `claude-${tier}` }, `claude ${tier} → ${t}`))));
+  }
+  return groups;
+}
