@@ -1,0 +1,282 @@
+"""One rank of a node group: an MLX model sharded over `mx.distributed` (ring).
+
+Run as a child process of a node agent (`python -m node.groups`), one per
+member, each started by its own agent with the shared host list (no SSH):
+
+    MLX_RANK=<r> MLX_HOSTFILE=<hosts.json> python -m node.groups --model DIR
+
+Every rank loads the model, shards it (tensor parallel: `model.shard(group)`)
+and then runs the same forward passes in lockstep. Rank 0 is driven by its node
+agent through JSON lines (stdin: commands, stdout: events); it broadcasts each
+request to the other ranks with an `all_sum` (its data, zeros elsewhere), and
+every decode step all ranks `all_sum` a stop flag, so a cancel or a stop
+sequence seen on rank 0 ends the generation on every rank at the same step.
+
+Rank 0 protocol (one JSON object a line):
+  in:  {"op": "generate", "tokens": [...], "max_tokens": N, "temperature": T, "seed": S}
+       {"op": "cancel"}       (ends the running generation)
+       {"op": "shutdown"}     (all ranks exit)
+  out: {"ready": true, "rank": 0, "size": N, "memory_bytes": B}
+       {"token": id, "text": "..."} per generated token
+       {"done": "stop"|"length"|"cancelled", "tokens": n, "seconds": s}
+       {"error": "..."} then exit (a lost peer: the group is down)
+
+A member that dies breaks the ring: the survivors' next collective fails with
+"[ring] connection to a peer was lost", they report it and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Broadcast header: op, prompt length, max_tokens, seed, temperature in 1/1000.
+_HEADER = 5
+_OP_SHUTDOWN, _OP_GENERATE = 0, 1
+
+
+# Liveness: every rank > 0 holds a TCP connection to rank 0's control port
+# (MACMESH_GROUP_CONTROL, ip:port). The ring backend notices a dead peer only
+# sometimes (a survivor can wait on it forever); a closed control connection is
+# seen at once, also after SIGKILL. Whichever end sees it exits, so one death
+# takes every rank of the group down within moments.
+_CONTROL_TIMEOUT = float(os.environ.get("MACMESH_GROUP_CONTROL_TIMEOUT", "60"))
+_stopping = threading.Event()
+
+
+def _die(reason: str) -> None:
+    """The group is down: say why (rank 0 to its agent) and exit now."""
+    if _stopping.is_set():
+        return
+    if os.environ.get("MLX_RANK") == "0":
+        _emit({"error": reason})
+    print(f"rank {os.environ.get('MLX_RANK')}: {reason}", file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _watch(sock: socket.socket, who: str) -> None:
+    """Block until the peer's end closes; then the group is down."""
+    try:
+        while sock.recv(64):
+            pass
+    except OSError:
+        pass
+    _die(f"{who} left the group")
+
+
+def _token() -> bytes:
+    return os.environ.get("MACMESH_GROUP_TOKEN", "").encode()
+
+
+def _control_listen() -> socket.socket:
+    """Rank 0: bind the control port before the ring forms."""
+    ip, _, port = os.environ["MACMESH_GROUP_CONTROL"].rpartition(":")
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((ip, int(port)))
+    server.listen(16)
+    return server
+
+
+def _control_accept(server: socket.socket, size: int) -> None:
+    """Rank 0: one connection from each other rank, each with the group's token."""
+    server.settimeout(_CONTROL_TIMEOUT)
+    members: set[int] = set()
+    while len(members) < size - 1:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            _die(f"members {sorted(set(range(1, size)) - members)} never connected")
+        conn.settimeout(10)
+        try:
+            hello = conn.recv(256).decode(errors="replace").split()
+        except OSError:
+            conn.close()
+            continue
+        if (
+            len(hello) != 2
+            or not hello[0].isdigit()
+            or not hmac.compare_digest(hello[1].encode(), _token())
+        ):
+            conn.close()  # not a member of this group
+            continue
+        conn.settimeout(None)
+        _keepalive(conn)
+        members.add(int(hello[0]))
+        threading.Thread(target=_watch, args=(conn, f"rank {hello[0]}"), daemon=True).start()
+    server.close()
+
+
+def _control_connect(rank: int) -> None:
+    """Rank > 0: connect to rank 0's control port and watch it."""
+    ip, _, port = os.environ["MACMESH_GROUP_CONTROL"].rpartition(":")
+    deadline = time.monotonic() + _CONTROL_TIMEOUT
+    while True:
+        try:
+            sock = socket.create_connection((ip, int(port)), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                _die("cannot reach rank 0's control port")
+            time.sleep(0.2)
+    sock.settimeout(None)
+    _keepalive(sock)
+    sock.sendall(f"{rank} ".encode() + _token() + b"\n")
+    threading.Thread(target=_watch, args=(sock, "rank 0"), daemon=True).start()
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class _Commands:
+    """Rank 0's stdin, read on a thread: a cancel must arrive mid-generation."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[dict[str, Any]] = []
+        self.cancel = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            cmd = json.loads(line)
+            with self._cond:
+                if cmd.get("op") == "cancel":
+                    self.cancel = True
+                else:
+                    self._queue.append(cmd)
+                self._cond.notify_all()
+        with self._cond:  # the agent went away: shut the group down
+            self._queue.append({"op": "shutdown"})
+            self._cond.notify_all()
+
+    def next(self) -> dict[str, Any]:
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            self.cancel = False
+            return self._queue.pop(0)
+
+
+def _broadcast(values: list[int] | None, size: int, group: Any) -> list[int]:
+    """Rank 0's `values` (length `size`) on every rank."""
+    import mlx.core as mx
+
+    data = mx.array(values, dtype=mx.int32) if values is not None else mx.zeros(size, mx.int32)
+    out = mx.distributed.all_sum(data, group=group, stream=mx.cpu)
+    mx.eval(out)
+    result: list[int] = out.tolist()  # type: ignore[assignment]
+    return result
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    group: Any,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    commands: _Commands | None,
+) -> None:
+    """One generation, in lockstep on every rank; rank 0 (`commands`) emits events."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)  # the same on every rank: sampled tokens agree
+    sampler = make_sampler(temp=temperature)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = set(tokenizer.eos_token_ids)
+    t0 = time.perf_counter()
+    n = 0
+    reason = "length"
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler):
+        tid = int(tok)
+        n += 1
+        if tid in eos:
+            reason = "stop"
+            break
+        if commands is not None:
+            detok.add_token(tid)
+            _emit({"token": tid, "text": detok.last_segment})
+        stop = 1 if commands is not None and commands.cancel else 0
+        if _broadcast([stop] if commands is not None else None, 1, group)[0]:
+            reason = "cancelled"
+            break
+    if commands is not None:
+        _emit({"done": reason, "tokens": n, "seconds": time.perf_counter() - t0})
+
+
+def serve(model_dir: Path) -> int:
+    """Load, shard, then follow rank 0 until shutdown; the exit status."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    server = _control_listen() if os.environ.get("MLX_RANK") == "0" else None
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank, size = group.rank(), group.size()
+    if server is not None:
+        _control_accept(server, size)
+    else:
+        _control_connect(rank)
+    loaded: Any = load(str(model_dir))
+    model, tokenizer = loaded[0], loaded[1]
+    model.shard(group)
+    mx.eval(model.parameters())
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # all loaded
+    commands = _Commands() if rank == 0 else None
+    if commands is not None:
+        params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        memory = sum(int(v.nbytes) for _, v in params)
+        _emit({"ready": True, "rank": rank, "size": size, "memory_bytes": memory})
+    while True:
+        header: list[int] | None = None
+        cmd: dict[str, Any] = {}
+        if commands is not None:
+            cmd = commands.next()
+            if cmd.get("op") == "generate":
+                header = [
+                    _OP_GENERATE,
+                    len(cmd["tokens"]),
+                    int(cmd.get("max_tokens", 256)),
+                    int(cmd.get("seed", 0)),
+                    round(float(cmd.get("temperature", 0.0)) * 1000),
+                ]
+            else:
+                header = [_OP_SHUTDOWN, 0, 0, 0, 0]
+        op, length, max_tokens, seed, temp_milli = _broadcast(header, _HEADER, group)
+        if op == _OP_SHUTDOWN:
+            _stopping.set()
+            return 0
+        prompt = _broadcast(list(cmd["tokens"]) if commands is not None else None, length, group)
+        _generate(model, tokenizer, group, prompt, max_tokens, temp_milli / 1000, seed, commands)
+
+
+def run(model_dir: Path) -> int:
+    """`serve`, with a lost peer or failed collective reported: the exit status."""
+    try:
+        return serve(model_dir)
+    except RuntimeError as exc:  # a lost peer, a failed collective: the group is down
+        _die(str(exc))
+        return 3
