@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from coordinator.api.common import json_object, openai_error
+from coordinator.api.common import json_object, openai_error, str_field
 from coordinator.api.keys import caller, key_name
 from coordinator.audio import AudioRoute, AudioService
 from mesh import errors
@@ -60,17 +60,6 @@ def _headers(route: AudioRoute, node_id: str) -> dict[str, str]:
     }
 
 
-def _field(form: Any, name: str, *, required: bool = False) -> str:
-    value = form.get(name)
-    if value is None or value == "":
-        if required:
-            raise errors.InvalidRequest("field required", field=name)
-        return ""
-    if not isinstance(value, str):
-        raise errors.InvalidRequest("must be a string", field=name)
-    return value
-
-
 # ---------- transcriptions ----------
 
 
@@ -87,21 +76,21 @@ async def transcriptions(request: Request) -> Response:
             raise errors.InvalidRequest(
                 f"expected a multipart/form-data body: {exc.detail}"
             ) from None
-        name = _field(form, "model", required=True)
+        name = str_field(form, "model", required=True)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise errors.InvalidRequest(
                 "field required: the audio file, as a multipart file part", field="file"
             )
         data = await upload.read()
-        response_format = _field(form, "response_format") or "json"
+        response_format = str_field(form, "response_format") or "json"
         if response_format not in TRANSCRIPTION_RESPONSE_FORMATS:
             raise errors.InvalidRequest(
                 f"unsupported response_format {response_format!r}; use one of "
                 + ", ".join(TRANSCRIPTION_RESPONSE_FORMATS),
                 field="response_format",
             )
-        language = _field(form, "language")
+        language = str_field(form, "language")
         fmt = _check_upload(data, upload.filename or "")
         route = audio.route(name, KIND_STT, caller(request))
     except errors.MeshError as err:

@@ -45,8 +45,9 @@ async def json_object(request: Request, expected: str = "expected a JSON object"
     return data
 
 
-def str_field(data: dict[str, Any], key: str, *, required: bool = False) -> str:
-    """`data[key]` as a string ("" when absent and optional); InvalidRequest naming `key`."""
+def str_field(data: Mapping[str, Any], key: str, *, required: bool = False) -> str:
+    """`data[key]` as a string ("" when absent and optional); InvalidRequest naming `key`.
+    `data`: a JSON object, or a multipart form (whose files are not strings)."""
     value = data.get(key)
     if value is None or value == "":
         if required:
