@@ -21,6 +21,7 @@ from coordinator.metrics import CLIENT_CLOSED, OK, status_of
 from coordinator.nodes import NodeView
 from coordinator.request_log import RequestRecord
 from coordinator.service import ChatService
+from coordinator.watchdog import next_event, watched
 from mesh.audio import (
     KIND_CHAT,
     KIND_STT,
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 API = "openai"
 ROUTE_REASON = "least-loaded"
+# A transcription's deadline: the longest upload (600 s of audio) at PocketSphinx's ~0.3x
+# real time on a slow CPU, with room to spare.
+TRANSCRIBE_SECONDS = 300.0
 
 
 @dataclass
@@ -56,6 +60,10 @@ class AudioService:
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
+
+    @property
+    def stale_after(self) -> float:
+        return self.service.registry.stale_after
 
     def names(self, kind: str, key: ApiKey | None = None) -> list[str]:
         """Served models of `kind`, for error messages."""
@@ -164,15 +172,23 @@ class AudioService:
             for node in route.nodes:
                 last = node
                 node.inflight += 1
+                call = node.client.transcribe(
+                    TranscribeRequest(
+                        route.resolution.model,
+                        request.audio,
+                        request.format,
+                        request.language,
+                        request_id,
+                    )
+                )
                 try:
-                    out = await node.client.transcribe(
-                        TranscribeRequest(
-                            route.resolution.model,
-                            request.audio,
-                            request.format,
-                            request.language,
-                            request_id,
-                        )
+                    # Bounded like every node call: a hung node is left for the next one.
+                    out = await watched(
+                        node,
+                        self.stale_after,
+                        call,
+                        deadline=TRANSCRIBE_SECONDS,
+                        what="transcribing",
                     )
                 except (Unavailable, Overloaded) as err:
                     log.warning("%s: node %s failed: %s", request_id, node.node_id, err.message)
@@ -219,7 +235,13 @@ class AudioService:
                     )
                 )
                 try:
-                    async for chunk in stream:
+                    while True:
+                        started = first_at is not None
+                        chunk = await next_event(
+                            stream, node, self.stale_after, started=started, produced=started
+                        )
+                        if chunk is None:
+                            break
                         if first_at is None:
                             first_at = time.perf_counter()
                         sent += len(chunk.data)

@@ -133,6 +133,48 @@ def test_a_frozen_node_is_routed_around(lab: Any) -> None:
     assert all(n["inflight"] == 0 for n in nodes)
 
 
+def _speak_and_hear(base: str, i: int) -> tuple[str, float]:
+    """Speech through the mesh, then its transcription: (the text heard, seconds)."""
+    t0 = time.monotonic()
+    speech = httpx.post(
+        f"{base}/v1/audio/speech",
+        json={"model": "espeak-ng", "input": f"number {i}", "response_format": "wav"},
+        timeout=60,
+    )
+    assert speech.status_code == 200, speech.text
+    heard = httpx.post(
+        f"{base}/v1/audio/transcriptions",
+        files={"file": ("a.wav", speech.content, "audio/wav")},
+        data={"model": "pocketsphinx-en", "response_format": "text"},
+        timeout=60,
+    )
+    assert heard.status_code == 200, heard.text
+    return heard.text, time.monotonic() - t0
+
+
+@pytest.mark.timeout(300)
+def test_voice_requests_are_routed_around_a_frozen_node(lab: Any) -> None:
+    """Speech and transcription calls are watched like chat: none waits on a frozen node."""
+    base, frozen = lab["base"], lab["nodes"][0]
+    served = httpx.get(f"{base}/api/routing/resolve/espeak-ng").json().get("nodes", [])
+    if sorted(served) != ["node-0", "node-1"]:
+        pytest.skip(f"the nodes serve no espeak-ng / pocketsphinx ({served}): make espeak-ng")
+    assert frozen.process.proc is not None
+    pid = frozen.process.proc.pid
+    wait_until(lambda: _status(base, "node-0") == "online", 30, "node-0 online", lab["all"])
+    seq = httpx.get(f"{base}/api/requests", params={"limit": 1}).json()["last_seq"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: _speak_and_hear(base, i), range(4)))
+        assert max(took for _, took in results) < 2 * BOUND, results
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    records = httpx.get(f"{base}/api/requests", params={"after": seq, "limit": 100}).json()
+    voice = [r for r in records["requests"] if r["model"] in ("espeak-ng", "pocketsphinx-en")]
+    assert len(voice) == 8 and all(r["ok"] and r["node"] == "node-1" for r in voice), voice
+
+
 def _state() -> NodeState:
     return NodeState(node_id="n", version="0", sequence=1, timestamp=0.0)
 
