@@ -18,6 +18,7 @@ from coordinator.api import (
     admin,
     anthropic,
     audio,
+    groups,
     hub,
     lifecycle,
     model_files,
@@ -203,6 +204,7 @@ def create_app(
     app.include_router(lifecycle.router)
     app.include_router(hub.router)
     app.include_router(model_files.router)
+    app.include_router(groups.router)
     app.include_router(requests.router)
     app.include_router(prometheus.router)
     app.include_router(web.router)

@@ -29,6 +29,10 @@ from routing.placement import NodeRoom, NoRoom, Placement, Resident, place
 
 log = logging.getLogger(__name__)
 
+# ModelInfo.backend of a node group's model (node.backends.group): not loaded or
+# unloaded like a model; its members' memory shows as their ranks' shares.
+GROUP_BACKEND = "group"
+
 # How long a request waits for its model to load before it gets a retryable 503.
 DEFAULT_LOAD_WAIT = 300.0
 # How often idle models are checked against their TTL.
@@ -88,7 +92,18 @@ class Placer:
                     pinned=self.settings.lifetime(m.id).pin,
                 )
                 for m in v.state.models
-                if m.loaded
+                if m.loaded and m.backend != GROUP_BACKEND  # counted as its rank's share
+            ) + tuple(
+                # A node group's share here: never evicted (`macmesh groups rm` stops it).
+                Resident(
+                    model=f"group:{g.name}",
+                    bytes=g.memory_bytes,
+                    idle_seconds=0.0,
+                    busy=True,
+                    pinned=True,
+                )
+                for g in v.state.groups
+                if g.state != "down"
             )
             mem = v.state.memory
             rooms.append(
@@ -159,7 +174,7 @@ class Placer:
             assert view.state is not None
             for m in view.state.models:
                 key = (view.target, m.id)
-                if not m.loaded or m.idle_seconds <= 0:
+                if not m.loaded or m.idle_seconds <= 0 or m.backend == GROUP_BACKEND:
                     self._sticky.discard(key)
                     continue
                 life = self.settings.lifetime(m.id)

@@ -13,6 +13,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry
 
 from coordinator import hygiene
+from coordinator.groups import GroupManager
 from coordinator.keys import ApiKey
 from coordinator.metrics import (
     CLIENT_CLOSED,
@@ -99,6 +100,7 @@ class ChatService:
         self.requests = RequestLog() if requests is None else requests
         self._round_robin = RoundRobin()
         self.placer = Placer(registry, settings)
+        self.groups = GroupManager(registry)
         self.renderer = PromptRenderer(registry)
 
     # ---------- resolution and placement ----------
@@ -106,6 +108,7 @@ class ChatService:
     def resolve(self, name: str) -> Resolution:
         """The local model for `name`; ModelNotFound lists what exists."""
         served = set(self.registry.served_models()) | set(self.registry.known_models)
+        served.update(g.name for g in self.groups.groups())  # a down group: its reason
         res = resolve(name, self.settings.routing(), served)
         if res is None:
             if not self.registry.online():
@@ -161,6 +164,11 @@ class ChatService:
             return candidates
         if not self.registry.online():
             raise Unavailable("no node is reachable; check that nodes are running")
+        down = self.groups.down_reason(res.model)
+        if down is not None:
+            raise Unavailable(
+                f"group {res.model!r} is {down}; form it again with `macmesh groups create`"
+            )
         if res.model in self.registry.known_models:
             raise Unavailable(
                 f"no node serving {res.model!r} is up right now (it was served before); retry later"

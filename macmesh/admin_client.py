@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -65,3 +67,18 @@ class AdminClient:
 
     def post(self, path: str, body: Any) -> Any:
         return self.call("POST", path, json=body)
+
+
+def run_admin(
+    args: argparse.Namespace, action: Callable[[AdminClient], int], timeout: float = 30
+) -> int:
+    """`action` with a client for `args`' coordinator: its exit status, or 1 with the
+    coordinator's message on stderr when a call fails."""
+    client = AdminClient.from_args(args, timeout)
+    try:
+        return action(client)
+    except AdminError as exc:
+        print(f"macmesh: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()

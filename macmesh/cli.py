@@ -175,6 +175,21 @@ def _add_node_args(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds in-flight streams get to finish on SIGTERM (default 10)",
     )
+    p.add_argument(
+        "--group-host",
+        default="",
+        metavar="IP",
+        help="node groups: the IP this node's ranks listen on for the ring, e.g. its "
+        "Thunderbolt bridge address (default: the address coordinators reach it at)",
+    )
+    p.add_argument(
+        "--group-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="node groups: the ring port (rank 0 also uses PORT+1 for member liveness; "
+        "default: any free port)",
+    )
 
 
 def _metrics_port(args: argparse.Namespace) -> int | None:
@@ -255,6 +270,8 @@ def _node_config(args: argparse.Namespace, preload: Sequence[str] = ()) -> NodeC
         announce=not args.no_bonjour,
         mesh=args.mesh,
         bonjour_interfaces=tuple(args.bonjour_interface),
+        group_host=args.group_host,
+        group_port=args.group_port,
     )
 
 
@@ -527,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     from macmesh.cli_audio import add_audio_parsers
 
     add_audio_parsers(sub)
+
+    from macmesh.cli_groups import add_groups_parser
+
+    add_groups_parser(sub)
 
     p = sub.add_parser("status", help="table of the mesh's nodes as a coordinator sees them")
     p.add_argument(

@@ -19,6 +19,7 @@ from mesh.types import (
     ChatPrompt,
     GenerateEvent,
     GenerateRequest,
+    GroupRank,
     ModelInfo,
     NodeState,
     RenderedPrompt,
@@ -219,6 +220,36 @@ class NodeClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc) from None
+
+    # ---------- node groups (node.backends.group) ----------
+
+    async def check_group_rank(
+        self, request: pb.GroupRankRequest, timeout: float = 60.0
+    ) -> pb.CheckGroupRankResponse:
+        """Whether the node can be `request.rank` of the group; reserves its ring port."""
+        try:
+            return await self._stub.CheckGroupRank(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+
+    async def start_group_rank(self, request: pb.GroupRankRequest, timeout: float) -> GroupRank:
+        """Start the node's rank; rank 0 answers once the group formed."""
+        try:
+            return wire.group_rank_from_pb(
+                await self._stub.StartGroupRank(request, timeout=timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+
+    async def stop_group_rank(self, name: str, timeout: float = 60.0) -> bool:
+        """Stop the node's rank of `name` (rank 0: the whole group); False if it had none."""
+        try:
+            resp = await self._stub.StopGroupRank(
+                pb.StopGroupRankRequest(name=name), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return resp.stopped
 
     async def model_manifest(self, model: str) -> pb.ModelManifestResponse:
         """The files of `model` on the node, with sizes and SHA-256 (the copy's source side)."""

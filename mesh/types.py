@@ -283,6 +283,24 @@ class CachedPrefix:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupRank:
+    """One rank of a node group (node.groups) as its node reports it."""
+
+    name: str  # the model id rank 0's node serves the group as
+    model: str  # the catalog model the group shards
+    rank: int
+    size: int
+    members: tuple[str, ...] = ()  # node ids in rank order
+    strategy: str = "tensor"
+    backend: str = "ring"
+    state: str = "forming"  # forming | up | down
+    detail: str = ""  # why it is down
+    memory_bytes: int = 0  # this rank's share: weights shard + KV share
+    host: str = ""  # this rank's ring address
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeState:
     """A node's snapshot, pushed to coordinators over WatchState."""
 
@@ -301,3 +319,5 @@ class NodeState:
     metrics_port: int = 0
     # Downloads and copies into the node: running and recently finished.
     transfers: tuple[Transfer, ...] = ()
+    # Node groups this node is a member of (one rank each), up or down.
+    groups: tuple[GroupRank, ...] = ()

@@ -24,6 +24,7 @@ from mesh.types import (
     FinishReason,
     GenerateEvent,
     GenerateRequest,
+    GroupRank,
     Memory,
     Message,
     ModelInfo,
@@ -404,6 +405,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         ],
         metrics_port=s.metrics_port,
         transfers=[transfer_to_pb(t) for t in s.transfers],
+        groups=[group_rank_to_pb(g) for g in s.groups],
     )
 
 
@@ -442,6 +444,41 @@ def state_from_pb(msg: pb.NodeState) -> NodeState:
         cache=tuple(CachedPrefix(c.model, c.block_size, tuple(c.block_hashes)) for c in msg.cache),
         metrics_port=msg.metrics_port,
         transfers=tuple(transfer_from_pb(t) for t in msg.transfers),
+        groups=tuple(group_rank_from_pb(g) for g in msg.groups),
+    )
+
+
+def group_rank_to_pb(g: GroupRank) -> pb.GroupRank:
+    return pb.GroupRank(
+        name=g.name,
+        model=g.model,
+        rank=g.rank,
+        size=g.size,
+        members=list(g.members),
+        strategy=g.strategy,
+        backend=g.backend,
+        state=g.state,
+        detail=g.detail,
+        memory_bytes=g.memory_bytes,
+        host=g.host,
+        started_at=g.started_at,
+    )
+
+
+def group_rank_from_pb(m: pb.GroupRank) -> GroupRank:
+    return GroupRank(
+        name=m.name,
+        model=m.model,
+        rank=m.rank,
+        size=m.size,
+        members=tuple(m.members),
+        strategy=m.strategy,
+        backend=m.backend,
+        state=m.state,
+        detail=m.detail,
+        memory_bytes=m.memory_bytes,
+        host=m.host,
+        started_at=m.started_at,
     )
 
 

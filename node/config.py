@@ -253,6 +253,11 @@ class NodeConfig:
     mesh: str = "default"
     # Interfaces Bonjour uses (IPs); empty = all.
     bonjour_interfaces: tuple[str, ...] = ()
+    # Node groups (node.backends.group): the IP this node's ranks listen on for the
+    # ring ("" = the address the coordinator reaches the node at) and the ring port
+    # (0 = any free port; rank 0's control port is the next one).
+    group_host: str = ""
+    group_port: int = 0
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -185,6 +185,58 @@ class NodeServicer(pb_grpc.NodeServicer):
             await _abort(context, err)
             raise AssertionError("unreachable") from None
 
+    # ---------- node groups (node.backends.group) ----------
+
+    async def CheckGroupRank(
+        self, request: pb.GroupRankRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CheckGroupRankResponse:
+        try:
+            check = self.core.groups.check(
+                request.name,
+                request.model,
+                request.rank,
+                len(request.hosts),
+                request.host_hint,
+                strategy=request.strategy or "tensor",
+                backend=request.backend or "ring",
+            )
+            self.core.check_group_room(request.name, check.memory_bytes)
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return pb.CheckGroupRankResponse(
+            host=check.host,
+            control=check.control,
+            memory_bytes=check.memory_bytes,
+            architecture=check.architecture,
+            context_length=check.context_length,
+        )
+
+    async def StartGroupRank(
+        self, request: pb.GroupRankRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GroupRank:
+        try:
+            rank = await self.core.groups.start(
+                request.name,
+                request.model,
+                request.rank,
+                tuple(request.hosts),
+                tuple(request.members),
+                strategy=request.strategy or "tensor",
+                backend=request.backend or "ring",
+                control=request.control,
+                token=request.token,
+            )
+        except MeshError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return wire.group_rank_to_pb(rank)
+
+    async def StopGroupRank(
+        self, request: pb.StopGroupRankRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.StopGroupRankResponse:
+        return pb.StopGroupRankResponse(stopped=await self.core.groups.stop(request.name))
+
     async def ModelManifest(
         self, request: pb.ModelManifestRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelManifestResponse:

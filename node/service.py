@@ -35,6 +35,7 @@ from mesh.types import (
 )
 from mesh.version import __version__
 from node.backends.base import Backend, BackendContext
+from node.backends.group import GroupBackend
 from node.backends.registry import FACTORIES
 from node.backends.speech import SpeechBackend
 from node.config import NodeConfig
@@ -206,6 +207,7 @@ class NodeCore:
             cache=tuple(c for b in self.backends for c in b.cache_state()),
             metrics_port=self.metrics_port,
             transfers=self.transfers.snapshot(),
+            groups=tuple(self.groups.ranks()),
         )
 
     # ---------- models ----------
@@ -246,10 +248,34 @@ class NodeCore:
         return replace(info, idle_seconds=round(time.monotonic() - last, 3))
 
     def resident_bytes(self) -> dict[str, int]:
-        """What each loaded model takes, by the memory model (measured where smaller)."""
-        return {
-            i.id: i.estimated_bytes or i.memory_bytes or i.size_bytes for i in self.loaded_models()
+        """What each loaded model and group rank takes, by the memory model (measured where
+        smaller)."""
+        out = {
+            i.id: i.estimated_bytes or i.memory_bytes or i.size_bytes
+            for i in self.loaded_models()
+            if i.backend != GroupBackend.name  # counted as its rank's share below
         }
+        out.update(self.groups.shares())
+        return out
+
+    @property
+    def groups(self) -> GroupBackend:
+        """This node's group ranks (node.backends.group)."""
+        return self.backend(GroupBackend)
+
+    def check_group_room(self, name: str, need: int) -> None:
+        """Refuse a group rank past `--memory-budget` (Overloaded, naming what is held)."""
+        budget = self.config.memory_budget
+        resident = self.resident_bytes()
+        resident.pop(f"group:{name}", None)  # a down rank of the same group is replaced
+        used = sum(resident.values())
+        if budget and need and used + need > budget:
+            held = ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in sorted(resident.items()))
+            raise Overloaded(
+                f"group {name!r} needs about {need / 2**30:.2f} GiB on this node, but its "
+                f"memory budget is {budget / 2**30:.2f} GiB with {used / 2**30:.2f} GiB in use"
+                + (f" ({held})" if held else "")
+            )
 
     def _check_room(self, backend: Backend, model_id: str) -> None:
         """Refuse a load past `--memory-budget` (Overloaded: a coordinator tries elsewhere)."""

@@ -1460,6 +1460,7 @@ class NodeState(_message.Message):
     CACHE_FIELD_NUMBER: _builtins.int
     METRICS_PORT_FIELD_NUMBER: _builtins.int
     TRANSFERS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     version: _builtins.str
     sequence: _builtins.int
@@ -1487,6 +1488,10 @@ class NodeState(_message.Message):
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
         """Downloads and copies into this node: running ones and recent finished ones."""
 
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupRank]:
+        """Node groups this node is a member of (its rank of each), up or down."""
+
     def __init__(
         self,
         *,
@@ -1503,11 +1508,212 @@ class NodeState(_message.Message):
         cache: _abc.Iterable[Global___CachedPrefix] | None = ...,
         metrics_port: _builtins.int = ...,
         transfers: _abc.Iterable[Global___Transfer] | None = ...,
+        groups: _abc.Iterable[Global___GroupRank] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "load", b"load", "memory", b"memory", "metrics_port", b"metrics_port", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "transfers", b"transfers", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "draining", b"draining", "groups", b"groups", "load", b"load", "memory", b"memory", "metrics_port", b"metrics_port", "models", b"models", "node_id", b"node_id", "running", b"running", "sequence", b"sequence", "timestamp", b"timestamp", "transfers", b"transfers", "version", b"version", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
+
+@_typing.final
+class GroupRank(_message.Message):
+    """---------- node groups ----------
+
+    One rank of a node group as its node reports it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The group's name: the model id rank 0's node serves it as."""
+    model: _builtins.str
+    """The model (catalog id on each member) the group shards."""
+    rank: _builtins.int
+    size: _builtins.int
+    strategy: _builtins.str
+    """tensor | pipeline"""
+    backend: _builtins.str
+    """ring | jaccl"""
+    state: _builtins.str
+    """forming | up | down"""
+    detail: _builtins.str
+    """Why it is down (empty otherwise)."""
+    memory_bytes: _builtins.int
+    """This rank's share of the model's memory: its weights shard (measured once
+    loaded; estimated before) plus its share of one sequence's KV cache.
+    """
+    host: _builtins.str
+    """This rank's ring address (ip:port)."""
+    started_at: _builtins.float
+    """Unix time the rank started."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members' node ids, in rank order."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        model: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        size: _builtins.int = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        strategy: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        state: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        host: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "detail", b"detail", "host", b"host", "members", b"members", "memory_bytes", b"memory_bytes", "model", b"model", "name", b"name", "rank", b"rank", "size", b"size", "started_at", b"started_at", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRank: _TypeAlias = GroupRank  # noqa: Y015
+
+@_typing.final
+class GroupRankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    HOST_HINT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    model: _builtins.str
+    rank: _builtins.int
+    strategy: _builtins.str
+    backend: _builtins.str
+    control: _builtins.str
+    """Rank 0's control address (ip:port) and the group's token."""
+    token: _builtins.str
+    host_hint: _builtins.str
+    """CheckGroupRank: the host the coordinator reaches this node at, the ring
+    address's default ip (a node's --group-host wins).
+    """
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every rank's ring address (ip:port) in rank order; CheckGroupRank: only the
+        size matters (len), addresses may be empty.
+        """
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        model: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        strategy: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        control: _builtins.str = ...,
+        token: _builtins.str = ...,
+        host_hint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "control", b"control", "host_hint", b"host_hint", "hosts", b"hosts", "members", b"members", "model", b"model", "name", b"name", "rank", b"rank", "strategy", b"strategy", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRankRequest: _TypeAlias = GroupRankRequest  # noqa: Y015
+
+@_typing.final
+class CheckGroupRankResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """The ring address reserved for this rank (ip:port)."""
+    control: _builtins.str
+    """Rank 0: its control address (ip:port)."""
+    memory_bytes: _builtins.int
+    """Estimated memory this rank needs (its share of weights and KV cache)."""
+    architecture: _builtins.str
+    """The model's architecture (config.json model_type) and context length."""
+    context_length: _builtins.int
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        control: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        architecture: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "control", b"control", "host", b"host", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGroupRankResponse: _TypeAlias = CheckGroupRankResponse  # noqa: Y015
+
+@_typing.final
+class StopGroupRankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopGroupRankRequest: _TypeAlias = StopGroupRankRequest  # noqa: Y015
+
+@_typing.final
+class StopGroupRankResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_FIELD_NUMBER: _builtins.int
+    stopped: _builtins.bool
+    def __init__(
+        self,
+        *,
+        stopped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopGroupRankResponse: _TypeAlias = StopGroupRankResponse  # noqa: Y015

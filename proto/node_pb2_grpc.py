@@ -104,6 +104,21 @@ class NodeStub:
                 request_serializer=proto_dot_node__pb2.SpeakRequest.SerializeToString,
                 response_deserializer=proto_dot_node__pb2.AudioChunk.FromString,
                 _registered_method=True)
+        self.CheckGroupRank = channel.unary_unary(
+                '/macmesh.v1.Node/CheckGroupRank',
+                request_serializer=proto_dot_node__pb2.GroupRankRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.CheckGroupRankResponse.FromString,
+                _registered_method=True)
+        self.StartGroupRank = channel.unary_unary(
+                '/macmesh.v1.Node/StartGroupRank',
+                request_serializer=proto_dot_node__pb2.GroupRankRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.GroupRank.FromString,
+                _registered_method=True)
+        self.StopGroupRank = channel.unary_unary(
+                '/macmesh.v1.Node/StopGroupRank',
+                request_serializer=proto_dot_node__pb2.StopGroupRankRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.StopGroupRankResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -214,6 +229,32 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckGroupRank(self, request, context):
+        """----- node groups (docs/groups.md) -----
+        Checks that this node can be rank `rank` of a group (model files, architecture,
+        head counts, memory) and reserves its ports; starts nothing. INVALID_ARGUMENT /
+        NOT_FOUND / RESOURCE_EXHAUSTED name what is wrong.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartGroupRank(self, request, context):
+        """Starts this node's rank of a group with the shared host list. Rank 0 answers
+        once the whole group has formed and loaded (its node then serves the group's
+        model); the others as soon as their rank runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopGroupRank(self, request, context):
+        """Stops this node's rank of a group (rank 0: the whole group) and forgets it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +327,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Speak,
                     request_deserializer=proto_dot_node__pb2.SpeakRequest.FromString,
                     response_serializer=proto_dot_node__pb2.AudioChunk.SerializeToString,
+            ),
+            'CheckGroupRank': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckGroupRank,
+                    request_deserializer=proto_dot_node__pb2.GroupRankRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.CheckGroupRankResponse.SerializeToString,
+            ),
+            'StartGroupRank': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartGroupRank,
+                    request_deserializer=proto_dot_node__pb2.GroupRankRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.GroupRank.SerializeToString,
+            ),
+            'StopGroupRank': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopGroupRank,
+                    request_deserializer=proto_dot_node__pb2.StopGroupRankRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.StopGroupRankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,6 +722,87 @@ class Node:
             '/macmesh.v1.Node/Speak',
             proto_dot_node__pb2.SpeakRequest.SerializeToString,
             proto_dot_node__pb2.AudioChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckGroupRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/CheckGroupRank',
+            proto_dot_node__pb2.GroupRankRequest.SerializeToString,
+            proto_dot_node__pb2.CheckGroupRankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartGroupRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/StartGroupRank',
+            proto_dot_node__pb2.GroupRankRequest.SerializeToString,
+            proto_dot_node__pb2.GroupRank.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopGroupRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.Node/StopGroupRank',
+            proto_dot_node__pb2.StopGroupRankRequest.SerializeToString,
+            proto_dot_node__pb2.StopGroupRankResponse.FromString,
             options,
             channel_credentials,
             insecure,

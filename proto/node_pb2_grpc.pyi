@@ -78,6 +78,19 @@ class NodeStub:
     """Text to speech with a "tts" model: the encoded audio (the requested container,
     header first), streamed as the engine produces it.
     """
+    CheckGroupRank: _grpc.UnaryUnaryMultiCallable[_node_pb2.GroupRankRequest, _node_pb2.CheckGroupRankResponse]
+    """----- node groups (docs/groups.md) -----
+    Checks that this node can be rank `rank` of a group (model files, architecture,
+    head counts, memory) and reserves its ports; starts nothing. INVALID_ARGUMENT /
+    NOT_FOUND / RESOURCE_EXHAUSTED name what is wrong.
+    """
+    StartGroupRank: _grpc.UnaryUnaryMultiCallable[_node_pb2.GroupRankRequest, _node_pb2.GroupRank]
+    """Starts this node's rank of a group with the shared host list. Rank 0 answers
+    once the whole group has formed and loaded (its node then serves the group's
+    model); the others as soon as their rank runs.
+    """
+    StopGroupRank: _grpc.UnaryUnaryMultiCallable[_node_pb2.StopGroupRankRequest, _node_pb2.StopGroupRankResponse]
+    """Stops this node's rank of a group (rank 0: the whole group) and forgets it."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -124,6 +137,19 @@ class NodeAsyncStub(NodeStub):
     """Text to speech with a "tts" model: the encoded audio (the requested container,
     header first), streamed as the engine produces it.
     """
+    CheckGroupRank: _aio.UnaryUnaryMultiCallable[_node_pb2.GroupRankRequest, _node_pb2.CheckGroupRankResponse]  # type: ignore[assignment]
+    """----- node groups (docs/groups.md) -----
+    Checks that this node can be rank `rank` of a group (model files, architecture,
+    head counts, memory) and reserves its ports; starts nothing. INVALID_ARGUMENT /
+    NOT_FOUND / RESOURCE_EXHAUSTED name what is wrong.
+    """
+    StartGroupRank: _aio.UnaryUnaryMultiCallable[_node_pb2.GroupRankRequest, _node_pb2.GroupRank]  # type: ignore[assignment]
+    """Starts this node's rank of a group with the shared host list. Rank 0 answers
+    once the whole group has formed and loaded (its node then serves the group's
+    model); the others as soon as their rank runs.
+    """
+    StopGroupRank: _aio.UnaryUnaryMultiCallable[_node_pb2.StopGroupRankRequest, _node_pb2.StopGroupRankResponse]  # type: ignore[assignment]
+    """Stops this node's rank of a group (rank 0: the whole group) and forgets it."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -251,5 +277,36 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         """Text to speech with a "tts" model: the encoded audio (the requested container,
         header first), streamed as the engine produces it.
         """
+
+    @_abc_1.abstractmethod
+    def CheckGroupRank(
+        self,
+        request: _node_pb2.GroupRankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.CheckGroupRankResponse, _abc.Awaitable[_node_pb2.CheckGroupRankResponse]]:
+        """----- node groups (docs/groups.md) -----
+        Checks that this node can be rank `rank` of a group (model files, architecture,
+        head counts, memory) and reserves its ports; starts nothing. INVALID_ARGUMENT /
+        NOT_FOUND / RESOURCE_EXHAUSTED name what is wrong.
+        """
+
+    @_abc_1.abstractmethod
+    def StartGroupRank(
+        self,
+        request: _node_pb2.GroupRankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GroupRank, _abc.Awaitable[_node_pb2.GroupRank]]:
+        """Starts this node's rank of a group with the shared host list. Rank 0 answers
+        once the whole group has formed and loaded (its node then serves the group's
+        model); the others as soon as their rank runs.
+        """
+
+    @_abc_1.abstractmethod
+    def StopGroupRank(
+        self,
+        request: _node_pb2.StopGroupRankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.StopGroupRankResponse, _abc.Awaitable[_node_pb2.StopGroupRankResponse]]:
+        """Stops this node's rank of a group (rank 0: the whole group) and forgets it."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

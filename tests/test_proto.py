@@ -47,4 +47,7 @@ def test_package_is_versioned() -> None:
         "ReadModelFile",
         "Transcribe",
         "Speak",
+        "CheckGroupRank",
+        "StartGroupRank",
+        "StopGroupRank",
     }

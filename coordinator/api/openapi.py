@@ -60,6 +60,14 @@ _ADMIN: dict[tuple[str, str], dict[str, Any]] = {
         limit_mbps={"type": "number"},
         **{"from": _STR},
     ),
+    ("post", "/api/groups"): _object(
+        ("name", "model", "nodes"),
+        name=_STR,
+        model=_STR,
+        nodes={"type": "array", "items": _STR},
+        strategy={"type": "string", "enum": ["tensor", "pipeline"]},
+        backend={"type": "string", "enum": ["ring", "jaccl"]},
+    ),
     ("post", "/v1/audio/speech"): _object(
         ("model", "input"),
         model=_STR,

@@ -36,15 +36,13 @@ from mesh.types import (
     Tool,
 )
 from node.backends.base import BackendContext
-from node.backends.chat_template import (
-    build_template_input,
-    template_supports_tools,
-)
-from node.backends.common import check_prompt, drain, request_id, room, with_fallback_tools
+from node.backends.chat_template import template_supports_tools
+from node.backends.common import check_prompt, drain, request_id, room
 from node.backends.mlx_draft import check_draft_tokenizer, check_speculative_cache
 from node.backends.mlx_engine import Engine
 from node.backends.mlx_job import GenJob
-from node.backends.outparse import ParserConfig, prompt_opens_reasoning
+from node.backends.mlx_prompt import parser_config, render_chat
+from node.backends.outparse import ParserConfig
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
 from node.config import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_PREFILL_CHUNK, SamplingDefaults
@@ -289,33 +287,7 @@ class MLXBackend:
     # ---------- prompts ----------
 
     def _render_sync(self, lm: LoadedModel, chat: ChatPrompt) -> list[int]:
-        from jinja2 import TemplateError
-
-        tok = lm.tokenizer
-        inp = build_template_input(chat, native_tools=lm.native_tools)
-        kwargs: dict[str, Any] = {}
-        if chat.enable_thinking is not None:
-            kwargs["enable_thinking"] = chat.enable_thinking
-        if inp.tools is not None:
-            kwargs["tools"] = inp.tools
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequest(
-                f"model {lm.entry.id!r} has no chat template; send a text prompt instead",
-                field="chat",
-            )
-        try:
-            text = tok.apply_chat_template(
-                inp.messages,
-                add_generation_prompt=chat.add_generation_prompt,
-                continue_final_message=not chat.add_generation_prompt,
-                tokenize=False,
-                **kwargs,
-            )
-        except TemplateError as exc:
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), field="messages") from None
-        return list(tok.encode(text, add_special_tokens=False))
+        return render_chat(lm.tokenizer, lm.entry.id, lm.native_tools, chat)
 
     async def render(
         self, model_id: str, chat: ChatPrompt, include_text: bool = False
@@ -332,38 +304,7 @@ class MLXBackend:
     def _parser_config(
         self, lm: LoadedModel, prompt_ids: list[int], tools: tuple[Tool, ...], stop: tuple[str, ...]
     ) -> ParserConfig:
-        tok = lm.tokenizer
-        cfg = ParserConfig(stop=stop)
-        if tok.has_thinking:
-            # Templates like Qwen3 / DeepSeek-R1 open the think block in the prompt.
-            tail = tok.decode(prompt_ids[-16:]) if prompt_ids else ""
-            cfg = replace(
-                cfg,
-                think_start=tok.think_start,
-                think_end=tok.think_end,
-                start_in_reasoning=prompt_opens_reasoning(tail, tok.think_start, tok.think_end),
-            )
-        if tools:
-            if lm.native_tools and tok.has_tool_calling:
-                parser = tok.tool_parser
-                raw_tools = [
-                    {"type": "function", "function": {"name": t.name, "parameters": t.parameters}}
-                    for t in tools
-                ]
-
-                def parse(text: str) -> list[dict[str, Any]]:
-                    out = parser(text, raw_tools)
-                    return out if isinstance(out, list) else [out]
-
-                cfg = replace(
-                    cfg,
-                    tool_call_start=tok.tool_call_start,
-                    tool_call_end=tok.tool_call_end,
-                    parse_tool_call=parse,
-                )
-            else:
-                cfg = with_fallback_tools(cfg)
-        return cfg
+        return parser_config(lm.tokenizer, lm.native_tools, prompt_ids, tools, stop)
 
     # ---------- prompt cache ----------
 

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,12 +109,21 @@ def _check_address(host: str) -> None:
 class RankProcess:
     """This agent's rank of a group, as a child process."""
 
-    def __init__(self, spec: GroupSpec, rank: int, *, step_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        spec: GroupSpec,
+        rank: int,
+        *,
+        step_timeout: float = 60.0,
+        on_down: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_down(reason)`: called once, on the event loop, when the rank goes down."""
         if not 0 <= rank < spec.size:
             raise InvalidRequest(f"rank {rank} is outside a group of {spec.size}")
         self.spec = spec
         self.rank = rank
         self.step_timeout = step_timeout
+        self._on_down = on_down
         self.down_reason = ""
         self.memory_bytes = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -150,7 +159,8 @@ class RankProcess:
             "--model",
             str(self.spec.model_dir),
             env=env,
-            stdin=asyncio.subprocess.PIPE if self.rank == 0 else asyncio.subprocess.DEVNULL,
+            # Every rank holds its agent's pipe: EOF (the agent died) takes it down.
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE if self.rank == 0 else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -164,8 +174,17 @@ class RankProcess:
         code = await proc.wait()
         if not self.down_reason:
             tail = next((line for line in reversed(self._stderr) if line), "")
-            self.down_reason = f"rank {self.rank} exited with status {code}: {tail}".rstrip(": ")
-            log.warning("group %s is down: %s", self.spec.name, self.down_reason)
+            self._down(f"rank {self.rank} exited with status {code}: {tail}".rstrip(": "))
+
+    def _down(self, reason: str) -> None:
+        """The first reason the rank is down is the one reported."""
+        if self.down_reason:
+            return
+        self.down_reason = reason
+        if reason != "stopped":
+            log.warning("group %s is down: %s", self.spec.name, reason)
+        if self._on_down is not None:
+            self._on_down(reason)
 
     def _check_up(self) -> None:
         if not self.up:
@@ -183,11 +202,11 @@ class RankProcess:
             if self._watch is not None:  # the exit status and stderr tell why
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._watch), 5)
-            self.down_reason = self.down_reason or "rank 0 exited"
+            self._down("rank 0 exited")
             raise Unavailable(f"group {self.spec.name!r} is down: {self.down_reason}")
         event: dict[str, Any] = json.loads(line)
         if "error" in event:
-            self.down_reason = f"rank 0: {event['error']}"
+            self._down(f"rank 0: {event['error']}")
             raise Unavailable(f"group {self.spec.name!r} is down: {self.down_reason}")
         return event
 
@@ -207,7 +226,11 @@ class RankProcess:
         max_tokens: int = 256,
         temperature: float = 0.0,
         seed: int = 0,
-    ) -> AsyncIterator[dict[str, Any]]:
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Rank 0: stream {"token", "text"} events, then the {"done"} one.
 
         One generation at a time (every rank runs it); a consumer that stops early
@@ -224,6 +247,10 @@ class RankProcess:
                     "max_tokens": max_tokens,
                     "temperature": temperature,
                     "seed": seed,
+                    "top_p": top_p,
+                    "min_p": min_p,
+                    "top_k": top_k,
+                    "repetition_penalty": repetition_penalty,
                 }
             )
             finished = False
@@ -246,11 +273,11 @@ class RankProcess:
         try:
             self._proc.stdin.write((json.dumps(cmd) + "\n").encode())
         except (BrokenPipeError, ConnectionResetError):
-            self.down_reason = self.down_reason or "rank 0 exited"
+            self._down("rank 0 exited")
             raise Unavailable(f"group {self.spec.name!r} is down: {self.down_reason}") from None
 
     def _kill(self, reason: str) -> None:
-        self.down_reason = self.down_reason or reason
+        self._down(reason)
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
 
@@ -259,7 +286,7 @@ class RankProcess:
         proc = self._proc
         if proc is None:
             return
-        self.down_reason = self.down_reason or "stopped"  # an exit now is no failure
+        self._down("stopped")  # an exit now is no failure
         if proc.returncode is None:
             if self.rank == 0 and proc.stdin is not None:
                 with contextlib.suppress(Unavailable):

@@ -8,12 +8,14 @@ member, each started by its own agent with the shared host list (no SSH):
 Every rank loads the model, shards it (tensor parallel: `model.shard(group)`)
 and then runs the same forward passes in lockstep. Rank 0 is driven by its node
 agent through JSON lines (stdin: commands, stdout: events); it broadcasts each
-request to the other ranks with an `all_sum` (its data, zeros elsewhere), and
-every decode step all ranks `all_sum` a stop flag, so a cancel or a stop
+request to the other ranks with an `all_sum` (its data, zeros elsewhere). Only
+rank 0 samples: every decode step it broadcasts the token and a stop flag the
+same way, so every rank feeds the same token and a cancel or a stop
 sequence seen on rank 0 ends the generation on every rank at the same step.
 
 Rank 0 protocol (one JSON object a line):
-  in:  {"op": "generate", "tokens": [...], "max_tokens": N, "temperature": T, "seed": S}
+  in:  {"op": "generate", "tokens": [...], "max_tokens": N, "temperature": T, "seed": S,
+        "top_p": P, "min_p": M, "top_k": K, "repetition_penalty": R}
        {"op": "cancel"}       (ends the running generation)
        {"op": "shutdown"}     (all ranks exit)
   out: {"ready": true, "rank": 0, "size": N, "memory_bytes": B}
@@ -27,6 +29,7 @@ A member that dies breaks the ring: the survivors' next collective fails with
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -37,10 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Broadcast header: op, prompt length, max_tokens, seed, temperature in 1/1000.
-_HEADER = 5
+# Broadcast header: op, prompt length, max_tokens, seed, temperature (1/1000),
+# top_p (1/1e6), min_p (1/1e6), top_k, repetition penalty (1/1000).
+_HEADER = 9
 _OP_SHUTDOWN, _OP_GENERATE = 0, 1
-
+# Prompt tokens per prefill forward pass (bounds the activations' memory).
+_PREFILL_STEP = 512
 
 # Liveness: every rank > 0 holds a TCP connection to rank 0's control port
 # (MACMESH_GROUP_CONTROL, ip:port). The ring backend notices a dead peer only
@@ -55,9 +60,12 @@ def _die(reason: str) -> None:
     """The group is down: say why (rank 0 to its agent) and exit now."""
     if _stopping.is_set():
         return
-    if os.environ.get("MLX_RANK") == "0":
-        _emit({"error": reason})
-    print(f"rank {os.environ.get('MLX_RANK')}: {reason}", file=sys.stderr, flush=True)
+    # The agent may be gone (the reason we are dying): its pipes then raise
+    # BrokenPipeError, which must not keep us from exiting.
+    with contextlib.suppress(OSError, ValueError):
+        if os.environ.get("MLX_RANK") == "0":
+            _emit({"error": reason})
+        print(f"rank {os.environ.get('MLX_RANK')}: {reason}", file=sys.stderr, flush=True)
     os._exit(3)
 
 
@@ -76,6 +84,13 @@ def _watch(sock: socket.socket, who: str) -> None:
     except OSError:
         pass
     _die(f"{who} left the group")
+
+
+def _watch_agent(rank: int) -> None:
+    """Rank > 0: its node agent holds our stdin; EOF means the agent died (or let us go)."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    _die(f"the node agent of rank {rank} left")
 
 
 def _token() -> bytes:
@@ -192,37 +207,74 @@ def _generate(
     tokenizer: Any,
     group: Any,
     prompt: list[int],
-    max_tokens: int,
-    temperature: float,
-    seed: int,
+    header: list[int],
     commands: _Commands | None,
 ) -> None:
-    """One generation, in lockstep on every rank; rank 0 (`commands`) emits events."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
+    """One generation in lockstep; rank 0 (`commands`) samples and emits events.
 
-    mx.random.seed(seed)  # the same on every rank: sampled tokens agree
-    sampler = make_sampler(temp=temperature)
+    Every rank runs the same forward passes, but only rank 0 samples: it broadcasts
+    each token with the stop flag. A ring `all_sum` need not round alike on every
+    rank, so ranks sampling on their own could split on a near-tie, and their next
+    collectives would then pair with the wrong ones (garbage, or a hang).
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    _, _, max_tokens, seed, temp_milli, top_p, min_p, top_k, rep_milli = header
+    sampler: Any = None
+    processors: list[Any] = []
+    if commands is not None:
+        vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or 1 << 30)
+        mx.random.seed(seed)
+        sampler = make_sampler(
+            temp=temp_milli / 1000,
+            top_p=top_p / 1e6 if 0 < top_p < 1_000_000 else 0.0,
+            min_p=min_p / 1e6,
+            # past the vocabulary: keep every token (mlx-lm would raise)
+            top_k=top_k if 0 < top_k < vocab else 0,
+        )
+        if rep_milli > 0 and rep_milli != 1000:
+            processors = make_logits_processors(
+                repetition_penalty=rep_milli / 1000, repetition_context_size=20
+            )
+    cache = make_prompt_cache(model)
+    tokens = mx.array(prompt, dtype=mx.uint32)
+    while tokens.size > 1:  # prefill all but the last prompt token, in chunks
+        step = min(_PREFILL_STEP, tokens.size - 1)
+        model(tokens[None, :step], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[step:]
+    history = list(prompt)
     detok = tokenizer.detokenizer
     detok.reset()
     eos = set(tokenizer.eos_token_ids)
     t0 = time.perf_counter()
     n = 0
     reason = "length"
-    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler):
-        tid = int(tok)
-        n += 1
-        if tid in eos:
-            reason = "stop"
-            break
+    while n < max_tokens:
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        picked: list[int] | None = None
         if commands is not None:
-            detok.add_token(tid)
-            _emit({"token": tid, "text": detok.last_segment})
-        stop = 1 if commands is not None and commands.cancel else 0
-        if _broadcast([stop] if commands is not None else None, 1, group)[0]:
+            for proc in processors:
+                logits = proc(mx.array(history[-20:], dtype=mx.uint32), logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            picked = [int(sampler(logprobs).item()), 1 if commands.cancel else 0]
+        else:
+            mx.eval(logits)  # this rank's part of the forward pass (its collectives)
+        token, stop = _broadcast(picked, 2, group)
+        n += 1
+        if stop:
             reason = "cancelled"
             break
+        if token in eos:
+            reason = "stop"
+            break
+        history.append(token)
+        if commands is not None:
+            detok.add_token(token)
+            _emit({"token": token, "text": detok.last_segment})
+        tokens = mx.array([token], dtype=mx.uint32)
     if commands is not None:
         _emit({"done": reason, "tokens": n, "seconds": time.perf_counter() - t0})
 
@@ -240,6 +292,7 @@ def serve(model_dir: Path) -> int:
         _control_accept(server, size)
     else:
         _control_connect(rank)
+        threading.Thread(target=_watch_agent, args=(rank,), daemon=True).start()
     loaded: Any = load(str(model_dir))
     model, tokenizer = loaded[0], loaded[1]
     model.shard(group)
@@ -260,23 +313,27 @@ def serve(model_dir: Path) -> int:
                     _OP_GENERATE,
                     len(cmd["tokens"]),
                     int(cmd.get("max_tokens", 256)),
-                    int(cmd.get("seed", 0)),
+                    int(cmd.get("seed", 0)) % (1 << 31),
                     round(float(cmd.get("temperature", 0.0)) * 1000),
+                    round(float(cmd.get("top_p", 1.0)) * 1e6),
+                    round(float(cmd.get("min_p", 0.0)) * 1e6),
+                    int(cmd.get("top_k", 0)),
+                    round(float(cmd.get("repetition_penalty", 1.0)) * 1000),
                 ]
             else:
-                header = [_OP_SHUTDOWN, 0, 0, 0, 0]
-        op, length, max_tokens, seed, temp_milli = _broadcast(header, _HEADER, group)
-        if op == _OP_SHUTDOWN:
+                header = [_OP_SHUTDOWN] + [0] * (_HEADER - 1)
+        header = _broadcast(header, _HEADER, group)
+        if header[0] == _OP_SHUTDOWN:
             _stopping.set()
             return 0
-        prompt = _broadcast(list(cmd["tokens"]) if commands is not None else None, length, group)
-        _generate(model, tokenizer, group, prompt, max_tokens, temp_milli / 1000, seed, commands)
+        prompt = _broadcast(list(cmd["tokens"]) if commands is not None else None, header[1], group)
+        _generate(model, tokenizer, group, prompt, header, commands)
 
 
 def run(model_dir: Path) -> int:
     """`serve`, with a lost peer or failed collective reported: the exit status."""
     try:
         return serve(model_dir)
-    except RuntimeError as exc:  # a lost peer, a failed collective: the group is down
-        _die(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a lost peer, a failed collective, a bug: down
+        _die(f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc))
         return 3

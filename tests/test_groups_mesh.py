@@ -1,0 +1,225 @@
+"""Node groups as a lab runs them: three plain `macmesh node` processes and a separate
+`macmesh coordinator`, a group formed with `macmesh groups create`, served over the
+coordinator's APIs with the official SDKs.
+
+SmolLM2 (9 query heads, 3 KV heads) sharded over 3 ranks with tensor parallelism on
+the ring backend over loopback: its greedy answer through the group is the single
+node's answer; killing a member's agent mid-stream ends the stream with an error,
+the group shows down, later requests get a 503 naming why, and `macmesh groups rm`
+clears it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.procs import MACMESH, Proc, Procs, free_port, wait_until
+
+QUESTION = "What is the capital of France?"
+NODES = ("node-0", "node-1", "node-2")
+
+
+@pytest.fixture(scope="module")
+def lab(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("groups-lab")
+    procs = Procs(root)
+    ports = [free_port() for _ in range(4)]
+    nodes: list[Proc] = []
+    try:
+        for i, port in enumerate(ports[:3]):
+            home = root / f"home{i}"
+            (home / "models").mkdir(parents=True)
+            (home / "node_id").write_text(f"node-{i}\n")
+            (home / "models" / "smollm2").symlink_to(models_dir / "smollm2")
+            nodes.append(
+                procs.spawn(
+                    f"node{i}",
+                    [MACMESH, "node", "--grpc-port", str(port), "--metrics-port", "-1"],
+                    {"MACMESH_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root)},
+                )
+            )
+        coord_home = root / "coord"
+        coord_home.mkdir()
+        peers = [a for p in ports[:3] for a in ("--peer", f"127.0.0.1:{p}")]
+        coord = procs.spawn(
+            "coordinator",
+            [MACMESH, "coordinator", "--port", str(ports[3]), "--no-bonjour", *peers],
+            {"MACMESH_HOME": str(coord_home), "HF_HUB_OFFLINE": "1"},
+        )
+        base = f"http://127.0.0.1:{ports[3]}"
+        everyone = [*nodes, coord]
+        wait_until(
+            lambda: httpx.get(f"{base}/health").json()["nodes_online"] == 3,
+            240,
+            "three nodes online",
+            everyone,
+        )
+        yield {"base": base, "nodes": nodes, "all": everyone}
+    finally:
+        procs.stop_all()
+
+
+def _cli(base: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MACMESH, "groups", *args, "--coordinator", base],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _group(base: str, name: str) -> dict[str, Any]:
+    r = httpx.get(f"{base}/api/groups/{name}")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _greedy(base: str, model: str, max_tokens: int) -> tuple[str, str, int]:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=300)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    out = raw.parse()
+    assert out.usage is not None
+    tokens = out.usage.completion_tokens
+    return out.choices[0].message.content or "", raw.headers["x-macmesh-node"], tokens
+
+
+def test_bad_groups_are_refused_before_anything_starts(lab: dict[str, Any]) -> None:
+    base = lab["base"]
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        # 2 members do not divide SmolLM2's 9 query heads (nor its 3 KV heads)
+        ({"name": "g2", "model": "smollm2", "nodes": ["node-0", "node-1"]}, 400, "9 attention"),
+        ({"name": "g", "model": "nope", "nodes": list(NODES)}, 404, "no files"),
+        ({"name": "g", "model": "smollm2", "nodes": ["node-0"]}, 400, "at least 2"),
+        ({"name": "g", "model": "smollm2", "nodes": ["node-0", "node-9"]}, 400, "node-9"),
+        ({"name": "g", "model": "smollm2", "nodes": ["node-0", "node-0"]}, 400, "twice"),
+        ({"name": "a b", "model": "smollm2", "nodes": list(NODES)}, 400, "group name"),
+        ({"name": "smollm2", "model": "smollm2", "nodes": list(NODES)}, 400, "name of a model"),
+        (
+            {"name": "g", "model": "smollm2", "nodes": list(NODES), "strategy": "pipeline"},
+            400,
+            "pipeline",
+        ),
+        ({"name": "g", "model": "smollm2", "nodes": list(NODES), "backend": "mpi"}, 400, "ring"),
+        ({"name": "g", "model": "smollm2", "nodes": "node-0"}, 400, "nodes"),
+    ]
+    for body, status, words in cases:
+        r = httpx.post(f"{base}/api/groups", json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        assert words in r.json()["error"]["message"], (body, r.text)
+    assert httpx.get(f"{base}/api/groups").json() == {"groups": []}
+    for proc in lab["nodes"]:
+        assert proc.alive()
+
+
+def test_a_group_serves_the_single_node_greedy_answer(lab: dict[str, Any]) -> None:
+    base = lab["base"]
+    single, _, single_tokens = _greedy(base, "smollm2", 8)
+    made = _cli(base, "create", "tp3", "--model", "smollm2", "--nodes", ",".join(NODES))
+    assert made.returncode == 0, made.stderr
+    assert "tp3: up" in made.stdout, made.stdout
+    group = _group(base, "tp3")
+    assert group["state"] == "up"
+    assert [r["node"] for r in group["ranks"]] == list(NODES)
+    assert group["memory_bytes_per_member"] > 0
+    listed = _cli(base, "list")
+    assert "tp3: up" in listed.stdout and "rank 2: node-2" in listed.stdout, listed.stdout
+    # The group is one more model to the coordinator: listed, routed to rank 0's node.
+    models = httpx.get(f"{base}/v1/models").json()["data"]
+    assert "tp3" in {m["id"] for m in models}
+
+    text, served_by, tokens = _greedy(base, "tp3", 8)
+    assert served_by == "node-0"
+    assert (text, tokens) == (single, single_tokens)
+
+    # The Anthropic API streams through the group too (same greedy tokens).
+    client = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, timeout=300)
+    with client.messages.stream(
+        model="tp3",
+        max_tokens=8,
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"temperature": 0},
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == single
+    assert final.usage.output_tokens == single_tokens
+
+
+def test_killing_a_member_ends_the_stream_and_downs_the_group(lab: dict[str, Any]) -> None:
+    base = lab["base"]
+    if httpx.get(f"{base}/api/groups").json()["groups"] == []:
+        made = _cli(base, "create", "tp3", "--model", "smollm2", "--nodes", ",".join(NODES))
+        assert made.returncode == 0, made.stderr
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=300)
+    member = lab["nodes"][2].process.proc
+    stream = client.chat.completions.create(
+        model="tp3",
+        messages=[{"role": "user", "content": "Tell me a long story about the sea."}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+    )
+    chunks = 0
+    killed_at = 0.0
+    with pytest.raises(openai.APIError) as failure:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if chunks == 2:
+                    os.kill(member.pid, signal.SIGKILL)  # the member's agent, as a crash
+                    killed_at = time.monotonic()
+    ended = time.monotonic() - killed_at
+    assert killed_at and ended < 30, f"the stream took {ended:.1f}s to end"
+    assert "down" in str(failure.value) or "left" in str(failure.value), failure.value
+
+    wait_until(lambda: _group(base, "tp3")["state"] == "down", 30, "group down")
+    detail = _group(base, "tp3")["detail"]
+    assert detail, "a down group says why"
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": "tp3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 503, r.text
+    assert "group 'tp3' is down" in r.json()["error"]["message"]
+    # The survivors' rank processes are gone, their nodes still serve.
+    for proc in lab["nodes"][:2]:
+        assert proc.alive()
+    text, _, _ = _greedy(base, "smollm2", 2)
+    assert text
+
+    removed = _cli(base, "rm", "tp3")
+    assert removed.returncode == 0, removed.stderr
+    wait_until(
+        lambda: (
+            not any(
+                g["name"] == "tp3" and g["ranks"]
+                for g in httpx.get(f"{base}/api/groups").json()["groups"]
+            )
+        ),
+        30,
+        "group removed",
+    )
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": "tp3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code in (404, 503), r.text
