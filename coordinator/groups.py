@@ -16,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.nodes import NodeRegistry, NodeView
-from mesh.errors import InvalidRequest, MeshError, from_code
+from mesh.errors import InvalidRequest, MeshError, Unavailable, from_code
 from mesh.types import GroupRank
 from proto import node_pb2 as pb
+from routing.placement import NodeRoom, NoRoom, place_group
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +109,38 @@ class GroupView:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """Members the coordinator proposes for a group, from the nodes' memory figures."""
+
+    model: str
+    members: tuple[str, ...]
+    share_bytes: int
+    need_bytes: int
+    why: str
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "nodes": list(self.members),
+            "size": len(self.members),
+            "memory_bytes_per_member": self.share_bytes,
+            "memory_bytes": self.need_bytes,
+            "why": self.why,
+        }
+
+
+# The memory figures placement goes by: (model's estimated bytes, each candidate's room).
+Rooms = Callable[[str, list[NodeView]], tuple[int, list[NodeRoom]]]
+
+
 class GroupManager:
     """Forms, lists and removes node groups through the members' agents."""
 
-    def __init__(self, registry: NodeRegistry) -> None:
+    def __init__(self, registry: NodeRegistry, rooms: Rooms | None = None) -> None:
+        """`rooms`: the placer's memory figures (coordinator.placement), for proposals."""
         self.registry = registry
+        self._rooms = rooms
         # Names being formed by this coordinator right now: a second create waits its turn.
         self._forming: set[str] = set()
 
@@ -164,6 +193,38 @@ class GroupManager:
                 return None if g.state == "up" else f"{g.state}: {g.detail}".rstrip(": ")
         return None
 
+    async def propose(self, name: str, model: str, size: int = 0) -> Proposal:
+        """Members for a group of `model`: the fewest nodes (2 or more; exactly `size`
+        when given) whose free memory holds a 1/N share each, most free memory first,
+        with N a size the model's heads divide (rank 0's node checks). Starts nothing."""
+        if self._rooms is None:
+            raise Unavailable("this coordinator cannot propose groups")
+        views = [v for v in self.registry.online() if v.state is not None and v.model(model)]
+        need, rooms = self._rooms(model, views)
+        by_id = {v.node_id: v for v in views}
+        sizes = [size] if size else list(range(2, len(views) + 1))
+        refusal = f"no online node has {model!r}" if not views else ""
+        for n in sizes:
+            placed = place_group(model, need, rooms, n)
+            if isinstance(placed, NoRoom):
+                refusal = placed.message
+                continue
+            if not size:  # the heads must divide this size: ask (nothing starts)
+                first = by_id[placed.members[0]]
+                try:
+                    await first.client.check_group_rank(
+                        pb.GroupRankRequest(
+                            name=name, model=model, rank=0, hosts=[""] * n, strategy="tensor"
+                        )
+                    )
+                except InvalidRequest as err:
+                    if "do not divide" in err.message:
+                        refusal = err.message
+                        continue
+                    raise
+            return Proposal(model, placed.members, placed.share_bytes, need, placed.why)
+        raise Unavailable(f"no group fits: {refusal}" if refusal else "no group fits")
+
     async def create(
         self,
         name: str,
@@ -180,6 +241,8 @@ class GroupManager:
             raise InvalidRequest(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
         if backend not in BACKENDS:
             raise InvalidRequest(f"must be one of {', '.join(BACKENDS)}", field="backend")
+        if not nodes:  # the coordinator proposes them
+            nodes = list((await self.propose(name, model)).members)
         if len(nodes) < 2:
             raise InvalidRequest("a group needs at least 2 member nodes", field="nodes")
         views = [self.registry.find(n, field="nodes") for n in nodes]

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.api.common import http_status
+from coordinator.groups import GroupManager
 from coordinator.nodes import NodeRegistry
 from mesh import errors
 from mesh.metrics import E2E_BUCKETS, OTHER, PREFIX, TTFT_BUCKETS, bounded
@@ -115,6 +116,7 @@ class CoordinatorMetrics:
         )
         if nodes is not None:
             registry.register(NodeUpCollector(nodes))
+            registry.register(GroupUpCollector(nodes))
 
     def route(self, reason: str) -> None:
         """A routing decision was made (`reason`: a routing.policy.Reason value)."""
@@ -180,3 +182,29 @@ class NodeUpCollector(Collector):
         for node, value in sorted(up.items()):
             gauge.add_metric([node], value)
         yield gauge
+
+
+class GroupUpCollector(Collector):
+    """`macmesh_group_up{group,model}`: 1 for each node group that serves now, 0 for a
+    down (or forming) one; `macmesh_group_members{group}`: its size."""
+
+    def __init__(self, nodes: NodeRegistry) -> None:
+        self.groups = GroupManager(nodes)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}group_up",
+            "1 when the node group serves its model (every rank up on an online node).",
+            labels=["group", "model"],
+        )
+        size = GaugeMetricFamily(
+            f"{PREFIX}group_members", "Nodes in the node group.", labels=["group"]
+        )
+        for g in self.groups.groups():
+            up.add_metric([g.name, g.model], int(g.state == "up"))
+            size.add_metric([g.name], g.size)
+        yield up
+        yield size

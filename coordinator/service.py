@@ -100,7 +100,7 @@ class ChatService:
         self.requests = RequestLog() if requests is None else requests
         self._round_robin = RoundRobin()
         self.placer = Placer(registry, settings)
-        self.groups = GroupManager(registry)
+        self.groups = GroupManager(registry, self.placer.rooms)
         self.renderer = PromptRenderer(registry)
 
     # ---------- resolution and placement ----------

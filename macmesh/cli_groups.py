@@ -1,4 +1,4 @@
-"""`macmesh groups create|list|rm`: node groups (one MLX model over several nodes), via a
+"""`macmesh groups create|propose|list|rm`: node groups (one MLX model over several nodes), via a
 coordinator's admin API (/api/groups; docs/groups.md)."""
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ def _describe(g: dict[str, Any]) -> str:
 
 def cmd_groups_create(args: argparse.Namespace) -> int:
     """`macmesh groups create NAME --model M --nodes A,B,C [--strategy] [--backend]`."""
-    body = {
+    body: dict[str, Any] = {
         "name": args.name,
         "model": args.model,
-        "nodes": [n.strip() for n in args.nodes.split(",") if n.strip()],
         "strategy": args.strategy,
         "backend": args.backend,
     }
+    if args.nodes:
+        body["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
 
     def create(client: AdminClient) -> int:
         t0 = time.monotonic()
@@ -46,6 +47,26 @@ def cmd_groups_create(args: argparse.Namespace) -> int:
         return 0
 
     return run_admin(args, create, timeout=args.timeout)
+
+
+def cmd_groups_propose(args: argparse.Namespace) -> int:
+    """`macmesh groups propose --model M [--size N]`: the members the coordinator would pick."""
+
+    def propose(client: AdminClient) -> int:
+        params: dict[str, Any] = {"model": args.model}
+        if args.size:
+            params["size"] = args.size
+        out = client.get("/api/groups/propose", params=params)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print(
+                f"{out['model']} ({_gib(out['memory_bytes'])}) over {out['size']} nodes: "
+                f"{','.join(out['nodes'])}\n  {out['why']}"
+            )
+        return 0
+
+    return run_admin(args, propose, timeout=60)
 
 
 def cmd_groups_list(args: argparse.Namespace) -> int:
@@ -87,7 +108,9 @@ def add_groups_parser(sub: Any) -> None:
     q.add_argument("name", help="the group's name: the model id clients ask for")
     q.add_argument("--model", required=True, help="the MLX model (its id on every member)")
     q.add_argument(
-        "--nodes", required=True, help="member node ids or addresses, comma-separated; rank 0 first"
+        "--nodes",
+        help="member node ids or addresses, comma-separated, rank 0 first "
+        "(default: the coordinator proposes them from the nodes' free memory)",
     )
     q.add_argument("--strategy", default="tensor", choices=("tensor", "pipeline"))
     q.add_argument("--backend", default="ring", choices=("ring", "jaccl"))
@@ -97,6 +120,12 @@ def add_groups_parser(sub: Any) -> None:
     q.add_argument("--json", action="store_true", help="machine-readable output")
     add_coordinator_flags(q)
     q.set_defaults(func=cmd_groups_create)
+    q = gsub.add_parser("propose", help="the members the coordinator would pick for a model")
+    q.add_argument("--model", required=True, help="the MLX model")
+    q.add_argument("--size", type=int, default=0, help="exactly this many members")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    add_coordinator_flags(q)
+    q.set_defaults(func=cmd_groups_propose)
     q = gsub.add_parser("list", help="every group, its state and its ranks")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     add_coordinator_flags(q)

@@ -229,3 +229,46 @@ def place(model: str, need_bytes: int, nodes: Sequence[NodeRoom]) -> Placement |
         )
     message += f"; nodes with its files: {', '.join(n.node_id for n in ordered)}"
     return NoRoom(message, need_bytes, largest.free_bytes)
+
+
+# ---------- node groups ----------
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlacement:
+    """The members of a node group, rank order (the most free memory first)."""
+
+    members: tuple[str, ...]
+    share_bytes: int
+    why: str
+
+
+def place_group(
+    model: str, need_bytes: int, nodes: Sequence[NodeRoom], size: int
+) -> GroupPlacement | NoRoom:
+    """`size` members for a group sharding `model` (needing `need_bytes` in all): the nodes
+    with the most free memory now (ties: lowest id), each needing 1/size of it. No
+    evictions: a group is formed by an admin, who unloads what should make room."""
+    share = -(-need_bytes // max(size, 1))
+    ordered = sorted(nodes, key=lambda n: (-n.free_bytes, n.node_id))
+    if len(ordered) < size:
+        return NoRoom(
+            f"a group of {size} for {model!r} needs {size} online nodes with its files; "
+            f"there are {len(ordered)}"
+            + (f" ({', '.join(n.node_id for n in ordered)})" if ordered else ""),
+            need_bytes,
+            ordered[0].free_bytes if ordered else 0,
+        )
+    chosen = ordered[:size]
+    if chosen[-1].free_bytes < share:
+        return NoRoom(
+            f"model {model!r} needs about {_gb(need_bytes)}: {_gb(share)} on each of {size} "
+            f"nodes, but only {sum(n.free_bytes >= share for n in ordered)} have that much free "
+            f"({', '.join(f'{n.node_id} {_gb(n.free_bytes)}' for n in ordered)})",
+            need_bytes,
+            chosen[0].free_bytes,
+        )
+    why = f"{_gb(share)} on each of " + ", ".join(
+        f"{n.node_id} ({_gb(n.free_bytes)} free)" for n in chosen
+    )
+    return GroupPlacement(tuple(n.node_id for n in chosen), share, why)

@@ -2,8 +2,15 @@
 
     GET    /api/groups              {"groups": [GROUP, ...]}
     GET    /api/groups/{name}       GROUP
-    POST   /api/groups              {"name", "model", "nodes": [NODE, ...], "strategy"?,
-                                    "backend"?}  201 GROUP once every rank has loaded
+    GET    /api/groups/propose?model=M[&size=N]
+                                    {"model", "nodes", "size", "memory_bytes_per_member",
+                                    "memory_bytes", "why"}: the members the coordinator
+                                    would pick from the nodes' memory figures (the fewest
+                                    nodes, 2 or more, whose free memory holds a share each,
+                                    at a size the model's heads divide); starts nothing
+    POST   /api/groups              {"name", "model", "nodes"?: [NODE, ...], "strategy"?,
+                                    "backend"?}  201 GROUP once every rank has loaded;
+                                    without "nodes", the proposed members
     DELETE /api/groups/{name}       GROUP as it was, after every rank stopped
 
 GROUP: name, model, size, strategy, backend, state (forming | up | down), detail
@@ -41,16 +48,41 @@ def _error(err: MeshError) -> JSONResponse:
 
 
 def _nodes(data: dict[str, Any]) -> list[str]:
+    """`nodes`; absent or empty: the coordinator proposes the members."""
     nodes = data.get("nodes")
+    if nodes is None:
+        return []
     if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
         raise InvalidRequest("must be a list of node ids or addresses", field="nodes")
     return list(nodes)
+
+
+def _size(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    if not value.isdigit() or int(value) < 2:
+        raise InvalidRequest("must be a whole number >= 2", field="size")
+    return int(value)
 
 
 @router.get("/groups")
 async def list_groups(request: Request) -> JSONResponse:
     """Every node group the nodes report, with each rank's state."""
     return JSONResponse({"groups": [g.json() for g in _groups(request).groups()]})
+
+
+@router.get("/groups/propose")
+async def propose_group(
+    request: Request, model: str = "", name: str = "proposal", size: str | None = None
+) -> JSONResponse:
+    """Members the coordinator would pick for a group of `model` (nothing starts)."""
+    try:
+        if not model:
+            raise InvalidRequest("field required", field="model")
+        proposal = await _groups(request).propose(name, model, _size(size))
+    except MeshError as err:
+        return _error(err)
+    return JSONResponse(proposal.json())
 
 
 @router.get("/groups/{name}")

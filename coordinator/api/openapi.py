@@ -61,7 +61,7 @@ _ADMIN: dict[tuple[str, str], dict[str, Any]] = {
         **{"from": _STR},
     ),
     ("post", "/api/groups"): _object(
-        ("name", "model", "nodes"),
+        ("name", "model"),
         name=_STR,
         model=_STR,
         nodes={"type": "array", "items": _STR},
