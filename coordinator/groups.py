@@ -193,10 +193,12 @@ class GroupManager:
                 return None if g.state == "up" else f"{g.state}: {g.detail}".rstrip(": ")
         return None
 
-    async def propose(self, name: str, model: str, size: int = 0) -> Proposal:
+    async def propose(
+        self, name: str, model: str, size: int = 0, strategy: str = "tensor"
+    ) -> Proposal:
         """Members for a group of `model`: the fewest nodes (2 or more; exactly `size`
         when given) whose free memory holds a 1/N share each, most free memory first,
-        with N a size the model's heads divide (rank 0's node checks). Starts nothing."""
+        at a size the model can be split into (rank 0's node checks). Starts nothing."""
         if self._rooms is None:
             raise Unavailable("this coordinator cannot propose groups")
         views = [v for v in self.registry.online() if v.state is not None and v.model(model)]
@@ -214,11 +216,11 @@ class GroupManager:
                 try:
                     await first.client.check_group_rank(
                         pb.GroupRankRequest(
-                            name=name, model=model, rank=0, hosts=[""] * n, strategy="tensor"
+                            name=name, model=model, rank=0, hosts=[""] * n, strategy=strategy
                         )
                     )
                 except InvalidRequest as err:
-                    if "do not divide" in err.message:
+                    if "do not divide" in err.message or "at least as many layers" in err.message:
                         refusal = err.message
                         continue
                     raise
@@ -242,7 +244,7 @@ class GroupManager:
         if backend not in BACKENDS:
             raise InvalidRequest(f"must be one of {', '.join(BACKENDS)}", field="backend")
         if not nodes:  # the coordinator proposes them
-            nodes = list((await self.propose(name, model)).members)
+            nodes = list((await self.propose(name, model, strategy=strategy)).members)
         if len(nodes) < 2:
             raise InvalidRequest("a group needs at least 2 member nodes", field="nodes")
         views = [self.registry.find(n, field="nodes") for n in nodes]

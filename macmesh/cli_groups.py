@@ -53,7 +53,7 @@ def cmd_groups_propose(args: argparse.Namespace) -> int:
     """`macmesh groups propose --model M [--size N]`: the members the coordinator would pick."""
 
     def propose(client: AdminClient) -> int:
-        params: dict[str, Any] = {"model": args.model}
+        params: dict[str, Any] = {"model": args.model, "strategy": args.strategy}
         if args.size:
             params["size"] = args.size
         out = client.get("/api/groups/propose", params=params)
@@ -123,6 +123,7 @@ def add_groups_parser(sub: Any) -> None:
     q = gsub.add_parser("propose", help="the members the coordinator would pick for a model")
     q.add_argument("--model", required=True, help="the MLX model")
     q.add_argument("--size", type=int, default=0, help="exactly this many members")
+    q.add_argument("--strategy", default="tensor", choices=("tensor", "pipeline"))
     q.add_argument("--json", action="store_true", help="machine-readable output")
     add_coordinator_flags(q)
     q.set_defaults(func=cmd_groups_propose)

@@ -19,37 +19,49 @@ import pytest
 
 from mesh.errors import InvalidRequest, ModelLoadError, Unavailable
 from node.groups.driver import GroupSpec, RankProcess, check_member
+from tests.group_models import make_tiny_qwen2
 from tests.procs import free_port
 
 PROMPT = "What is the capital of France?"
 
 
-def _spec(models_dir: Path, size: int, *, name: str = "g", token: str = "s3cret") -> GroupSpec:
+def _spec(
+    models_dir: Path,
+    size: int,
+    *,
+    name: str = "g",
+    token: str = "s3cret",
+    model: Path | None = None,
+    strategy: str = "tensor",
+) -> GroupSpec:
     hosts = tuple(f"127.0.0.1:{free_port()}" for _ in range(size))
     return GroupSpec(
         name,
-        models_dir / "smollm2",
+        model or models_dir / "smollm2",
         hosts,
+        strategy=strategy,
         control=f"127.0.0.1:{free_port()}",
         token=token,
     )
 
 
 def _prompt(models_dir: Path) -> list[int]:
-    from mlx_lm import load
+    from mlx_lm.utils import load_tokenizer
 
-    tok: Any = load(str(models_dir / "smollm2"))[1]
+    tok: Any = load_tokenizer(models_dir / "smollm2")  # type: ignore[no-untyped-call]
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     return list(ids)
 
 
-def _single(models_dir: Path, prompt: list[int], n: int) -> tuple[list[int], float]:
+def _single(
+    models_dir: Path, prompt: list[int], n: int, model_dir: Path | None = None
+) -> tuple[list[int], float]:
     """The unsharded greedy tokens (in this process) and its tokens/s."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    model = load(str(models_dir / "smollm2"))[0]
+    model = load(str(model_dir or models_dir / "smollm2"))[0]
     out: list[int] = []
     t0 = time.perf_counter()
     for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n):
@@ -86,12 +98,21 @@ def test_member_checks(models_dir: Path, tmp_path: Path) -> None:
     # 9 query heads / 3 KV heads: 2 members cannot share them.
     with pytest.raises(InvalidRequest, match="do not divide"):
         check_member(GroupSpec("g", models_dir / "smollm2", hosts3[:2]))
-    with pytest.raises(InvalidRequest, match="cannot be sharded"):
+    with pytest.raises(InvalidRequest, match="cannot split gpt2 models"):
         check_member(GroupSpec("g", _model_copy(models_dir, tmp_path, model_type="gpt2"), hosts3))
     with pytest.raises(ModelLoadError, match="no model files"):
         check_member(GroupSpec("g", tmp_path / "absent", hosts3))
-    with pytest.raises(InvalidRequest, match="not built"):
+    # mlx-lm's llama has shard() but no pipeline(); its qwen2 has both.
+    with pytest.raises(InvalidRequest, match=r"cannot split llama .* pipeline .*with: tensor"):
         check_member(GroupSpec("g", models_dir / "smollm2", hosts3, strategy="pipeline"))
+    qwen = make_tiny_qwen2(tmp_path / "qwen", models_dir / "smollm2", layers=2)
+    assert check_member(GroupSpec("g", qwen, hosts3[:2], strategy="pipeline"))
+    with pytest.raises(InvalidRequest, match="at least as many layers"):
+        check_member(GroupSpec("g", qwen, hosts3, strategy="pipeline"))
+    with pytest.raises(InvalidRequest, match="not one of"):
+        check_member(GroupSpec("g", qwen, hosts3, strategy="expert"))
+    with pytest.raises(InvalidRequest, match="not built"):
+        check_member(GroupSpec("g", qwen, hosts3, backend="jaccl"))
     with pytest.raises(InvalidRequest, match="not ip:port"):
         check_member(GroupSpec("g", models_dir / "smollm2", ("a", "b", "c")))
     with pytest.raises(InvalidRequest, match="at least 2"):
@@ -107,7 +128,12 @@ async def _form(spec: GroupSpec, tokens: dict[int, str] | None = None) -> list[R
         member = spec
         if tokens and r in tokens:
             member = GroupSpec(
-                spec.name, spec.model_dir, spec.hosts, control=spec.control, token=tokens[r]
+                spec.name,
+                spec.model_dir,
+                spec.hosts,
+                strategy=spec.strategy,
+                control=spec.control,
+                token=tokens[r],
             )
         ranks.append(RankProcess(member, r, step_timeout=30))
     for rank in ranks:
@@ -175,6 +201,28 @@ def test_member_with_wrong_token_is_refused(
         try:
             with pytest.raises(Unavailable, match=r"never connected"):
                 await ranks[0].ready(timeout=120)
+        finally:
+            for rank in ranks:
+                await rank.stop()
+
+    asyncio.run(main())
+
+
+def test_two_stage_pipeline(models_dir: Path, tmp_path: Path) -> None:
+    """Pipeline parallelism (consecutive layers per rank): the same greedy tokens as the
+    whole model in one process, request after request."""
+    model = make_tiny_qwen2(tmp_path / "qwen", models_dir / "smollm2")
+    prompt = _prompt(models_dir)
+    expected, _ = _single(models_dir, prompt, 12, model_dir=model)
+
+    async def main() -> None:
+        ranks = await _form(_spec(models_dir, 2, model=model, strategy="pipeline"))
+        try:
+            await ranks[0].ready(timeout=120)
+            for _ in range(2):
+                got, done = await _collect(ranks[0].generate(prompt, max_tokens=12))
+                assert (got, done["done"]) == (expected[: len(got)], done["done"])
+                assert len(got) == 12 or done["done"] == "stop"
         finally:
             for rank in ranks:
                 await rank.stop()

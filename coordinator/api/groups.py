@@ -2,7 +2,7 @@
 
     GET    /api/groups              {"groups": [GROUP, ...]}
     GET    /api/groups/{name}       GROUP
-    GET    /api/groups/propose?model=M[&size=N]
+    GET    /api/groups/propose?model=M[&size=N][&strategy=S]
                                     {"model", "nodes", "size", "memory_bytes_per_member",
                                     "memory_bytes", "why"}: the members the coordinator
                                     would pick from the nodes' memory figures (the fewest
@@ -73,13 +73,17 @@ async def list_groups(request: Request) -> JSONResponse:
 
 @router.get("/groups/propose")
 async def propose_group(
-    request: Request, model: str = "", name: str = "proposal", size: str | None = None
+    request: Request,
+    model: str = "",
+    name: str = "proposal",
+    size: str | None = None,
+    strategy: str = "tensor",
 ) -> JSONResponse:
     """Members the coordinator would pick for a group of `model` (nothing starts)."""
     try:
         if not model:
             raise InvalidRequest("field required", field="model")
-        proposal = await _groups(request).propose(name, model, _size(size))
+        proposal = await _groups(request).propose(name, model, _size(size), strategy)
     except MeshError as err:
         return _error(err)
     return JSONResponse(proposal.json())

@@ -32,8 +32,30 @@ from mesh.errors import InvalidRequest, ModelLoadError, Unavailable
 
 log = logging.getLogger(__name__)
 
-# model_type values whose mlx-lm model class has `shard()` (tensor parallelism).
-TENSOR_PARALLEL = frozenset({"llama", "qwen2", "qwen3", "qwen3_moe", "ministral3"})
+STRATEGIES = ("tensor", "pipeline")
+
+
+def strategies(config: dict[str, Any]) -> frozenset[str]:
+    """How the installed mlx-lm can split this architecture: "tensor" (the model has
+    `shard()`: every layer's heads and MLP columns split) and "pipeline" (its inner
+    model is a `PipelineMixin`: consecutive layers per rank)."""
+    import inspect
+
+    from mlx_lm.models.pipeline import PipelineMixin
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, _ = _get_classes(config)
+    except ValueError:  # an architecture mlx-lm does not know
+        return frozenset()
+    out = {"tensor"} if hasattr(model_class, "shard") else set()
+    module = sys.modules[model_class.__module__]
+    if any(
+        inspect.isclass(c) and issubclass(c, PipelineMixin) and c is not PipelineMixin
+        for c in vars(module).values()
+    ):
+        out.add("pipeline")
+    return frozenset(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +91,10 @@ def check_member(spec: GroupSpec) -> dict[str, Any]:
     be sharded this way, a size the model's heads do not divide; ModelLoadError: the
     model's files are not on this member.
     """
-    if spec.strategy != "tensor":
-        raise InvalidRequest(f"group strategy {spec.strategy!r} is not built; use 'tensor'")
+    if spec.strategy not in STRATEGIES:
+        raise InvalidRequest(
+            f"group strategy {spec.strategy!r} is not one of {', '.join(STRATEGIES)}"
+        )
     if spec.backend != "ring":
         raise InvalidRequest(f"group backend {spec.backend!r} is not built; use 'ring'")
     if spec.size < 2:
@@ -82,12 +106,22 @@ def check_member(spec: GroupSpec) -> dict[str, Any]:
     if not config_path.is_file() or not any(spec.model_dir.glob("*.safetensors")):
         raise ModelLoadError(f"group {spec.name!r}: no model files in {spec.model_dir}")
     config: dict[str, Any] = json.loads(config_path.read_text())
-    arch = str(config.get("model_type", ""))
-    if arch not in TENSOR_PARALLEL:
+    arch = str(config.get("model_type", "")) or "this"
+    can = strategies(config)
+    if spec.strategy not in can:
         raise InvalidRequest(
-            f"group {spec.name!r}: {arch or 'this'} models cannot be sharded with tensor "
-            f"parallelism (supported: {', '.join(sorted(TENSOR_PARALLEL))})"
+            f"group {spec.name!r}: mlx-lm cannot split {arch} models with {spec.strategy} "
+            f"parallelism"
+            + (f" (it can with: {', '.join(sorted(can))})" if can else " (nor any other way)")
         )
+    if spec.strategy == "pipeline":
+        layers = int(config.get("num_hidden_layers", 0))
+        if layers < spec.size:
+            raise InvalidRequest(
+                f"group {spec.name!r}: {spec.size} members need at least as many layers; "
+                f"the model has {layers}"
+            )
+        return config
     heads = int(config.get("num_attention_heads", 0))
     kv_heads = int(config.get("num_key_value_heads", heads))
     if not heads or heads % spec.size or kv_heads % spec.size:
@@ -150,6 +184,7 @@ class RankProcess:
             MLX_RANK=str(self.rank),
             MLX_HOSTFILE=str(hostfile),
             MACMESH_GROUP_CONTROL=self.spec.control_address,
+            MACMESH_GROUP_STRATEGY=self.spec.strategy,
             MACMESH_GROUP_TOKEN=self.spec.token,
         )
         self._proc = await asyncio.create_subprocess_exec(

@@ -5,8 +5,11 @@ member, each started by its own agent with the shared host list (no SSH):
 
     MLX_RANK=<r> MLX_HOSTFILE=<hosts.json> python -m node.groups --model DIR
 
-Every rank loads the model, shards it (tensor parallel: `model.shard(group)`)
-and then runs the same forward passes in lockstep. Rank 0 is driven by its node
+Every rank loads its part of the model, split by MACMESH_GROUP_STRATEGY: tensor
+parallel (`model.shard(group)`: every layer's heads and MLP columns) or pipeline
+(`model.model.pipeline(group)`: consecutive layers; activations pass from rank to
+rank and every rank gets the last one), and then runs the same forward passes in
+lockstep. Rank 0 is driven by its node
 agent through JSON lines (stdin: commands, stdout: events); it broadcasts each
 request to the other ranks with an `all_sum` (its data, zeros elsewhere). Only
 rank 0 samples: every decode step it broadcasts the token and a stop flag the
@@ -283,7 +286,7 @@ def serve(model_dir: Path) -> int:
     """Load, shard, then follow rank 0 until shutdown; the exit status."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm import load
+    from mlx_lm.utils import load_model, load_tokenizer
 
     server = _control_listen() if os.environ.get("MLX_RANK") == "0" else None
     group = mx.distributed.init(backend="ring", strict=True)
@@ -293,9 +296,13 @@ def serve(model_dir: Path) -> int:
     else:
         _control_connect(rank)
         threading.Thread(target=_watch_agent, args=(rank,), daemon=True).start()
-    loaded: Any = load(str(model_dir))
-    model, tokenizer = loaded[0], loaded[1]
-    model.shard(group)
+    # Lazily: only this rank's part of the weights is ever read (mlx-lm's sharded_load).
+    model, config = load_model(model_dir, lazy=True, strict=False)
+    tokenizer: Any = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))  # type: ignore[no-untyped-call]
+    if os.environ.get("MACMESH_GROUP_STRATEGY", "tensor") == "pipeline":
+        model.model.pipeline(group)  # type: ignore[operator]  # rank 0 holds the last layers
+    else:
+        model.shard(group)  # type: ignore[operator]
     mx.eval(model.parameters())
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # all loaded
     commands = _Commands() if rank == 0 else None
