@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from tests.group_models import make_tiny_qwen2
 from tests.procs import MACMESH, Proc, Procs, free_port, wait_until
 
 QUESTION = "What is the capital of France?"
@@ -34,6 +35,7 @@ NODES = ("node-0", "node-1", "node-2")
 @pytest.fixture(scope="module")
 def lab(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("groups-lab")
+    tiny = make_tiny_qwen2(root / "tinyqwen", models_dir / "smollm2")
     procs = Procs(root)
     ports = [free_port() for _ in range(4)]
     nodes: list[Proc] = []
@@ -43,6 +45,7 @@ def lab(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             (home / "models").mkdir(parents=True)
             (home / "node_id").write_text(f"node-{i}\n")
             (home / "models" / "smollm2").symlink_to(models_dir / "smollm2")
+            (home / "models" / "tinyqwen").symlink_to(tiny)
             nodes.append(
                 procs.spawn(
                     f"node{i}",
@@ -167,6 +170,33 @@ def test_a_group_serves_the_single_node_greedy_answer(lab: dict[str, Any]) -> No
         final = stream.get_final_message()
     assert streamed == single
     assert final.usage.output_tokens == single_tokens
+
+
+def test_a_pipeline_group_beside_a_tensor_group(lab: dict[str, Any]) -> None:
+    """Pipeline parallelism through the mesh, on nodes that are also in another group."""
+    base = lab["base"]
+    single, _, single_tokens = _greedy(base, "tinyqwen", 10)
+    r = httpx.post(
+        f"{base}/api/groups",
+        json={
+            "name": "pp2",
+            "model": "tinyqwen",
+            "nodes": ["node-1", "node-2"],
+            "strategy": "pipeline",
+        },
+        timeout=600,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["strategy"] == "pipeline" and r.json()["state"] == "up"
+    text, served_by, tokens = _greedy(base, "pp2", 10)
+    assert served_by == "node-1"
+    assert (text, tokens) == (single, single_tokens)
+    names = {g["name"] for g in httpx.get(f"{base}/api/groups").json()["groups"]}
+    assert {"pp2"} <= names
+    r = httpx.delete(f"{base}/api/groups/pp2", timeout=120)
+    assert r.status_code == 200 and r.json()["state"] == "removed", r.text
+    r = httpx.get(f"{base}/api/groups/pp2")
+    assert r.status_code == 404 and "no group 'pp2'" in r.json()["error"]["message"]
 
 
 def test_killing_a_member_ends_the_stream_and_downs_the_group(lab: dict[str, Any]) -> None:
