@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from tests.browser import console_errors, needs_browser
 from tests.group_models import make_tiny_qwen2
 from tests.procs import MACMESH, Proc, Procs, free_port, wait_until
 
@@ -149,13 +150,17 @@ def test_a_group_serves_the_single_node_greedy_answer(lab: dict[str, Any]) -> No
     assert sorted(r["node"] for r in group["ranks"]) == list(NODES)
     assert group["memory_bytes_per_member"] > 0
     listed = _cli(base, "list")
-    assert "tp3: up" in listed.stdout and "rank 2: node-2" in listed.stdout, listed.stdout
+    assert "tp3: up" in listed.stdout, listed.stdout
+    assert f"rank 2: {group['members'][2]}  up" in listed.stdout, listed.stdout
     # The group is one more model to the coordinator: listed, routed to rank 0's node.
     models = httpx.get(f"{base}/v1/models").json()["data"]
     assert "tp3" in {m["id"] for m in models}
 
     text, served_by, tokens = _greedy(base, "tp3", 8)
     assert served_by == group["members"][0] == group["serving_node"]
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'macmesh_group_up{group="tp3",model="smollm2"} 1.0' in metrics
+    assert 'macmesh_group_members{group="tp3"} 3.0' in metrics
     assert (text, tokens) == (single, single_tokens)
 
     # The Anthropic API streams through the group too (same greedy tokens).
@@ -170,6 +175,17 @@ def test_a_group_serves_the_single_node_greedy_answer(lab: dict[str, Any]) -> No
         final = stream.get_final_message()
     assert streamed == single
     assert final.usage.output_tokens == single_tokens
+
+
+@needs_browser
+def test_the_mesh_page_shows_the_group(lab: dict[str, Any], page: Any) -> None:
+    page.goto(lab["base"] + "/ui/mesh")
+    card = page.locator('[data-group="tp3"]')
+    card.wait_for(timeout=15_000)
+    assert card.locator(".badge").inner_text() == "up"
+    ranks = card.locator(".group-rank").all_inner_texts()
+    assert len(ranks) == 3 and "serves it" in ranks[0], ranks
+    assert console_errors(page) == []
 
 
 def test_a_pipeline_group_beside_a_tensor_group(lab: dict[str, Any]) -> None:
@@ -230,6 +246,8 @@ def test_killing_a_member_ends_the_stream_and_downs_the_group(lab: dict[str, Any
     wait_until(lambda: _group(base, "tp3")["state"] == "down", 30, "group down")
     detail = _group(base, "tp3")["detail"]
     assert detail, "a down group says why"
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'macmesh_group_up{group="tp3",model="smollm2"} 0.0' in metrics
     r = httpx.post(
         f"{base}/v1/chat/completions",
         json={"model": "tp3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},

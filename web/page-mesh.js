@@ -1,4 +1,4 @@
-// The Mesh page: one card per node, live over /api/events (SSE; no polling).
+// The Mesh page: one card per node and per node group, live over /api/events (SSE; no polling).
 
 import { api, bytes, el, main, num, setConn, subscribe } from "./ui.js";
 
@@ -33,13 +33,34 @@ function nodeCard(n) {
       el("dd", {}, n.last_seen_seconds === null ? "never" : `${num(n.last_seen_seconds)} s ago`)));
 }
 
+// ---- Node groups (docs/groups.md): one model over several nodes, each rank's state.
+function groupCard(g) {
+  const state = g.state === "up" ? "online" : g.state === "forming" ? "settling" : "offline";
+  return el("article", { class: `card ${g.state === "up" ? "online" : "offline"}`, "data-group": g.name },
+    el("h3", {}, g.name, " ", el("span", { class: `badge ${state}` }, g.state)),
+    el("div", { class: "muted" },
+      `${g.model} · ${g.strategy} / ${g.backend} · ${bytes(g.memory_bytes_per_member)} per member`),
+    g.detail ? el("div", { class: "error" }, g.detail) : null,
+    el("dl", {}, ...g.ranks.flatMap((r) => [
+      el("dt", {}, `rank ${r.rank}`),
+      el("dd", { class: "group-rank" },
+        `${r.node}${r.online ? "" : " (offline)"} · ${r.state} · ${r.host}`,
+        r.rank === 0 ? " · serves it" : ""),
+    ])));
+}
+
 export default function meshPage() {
   const cards = el("div", { class: "cards", id: "nodes" }, el("p", { class: "muted" }, "loading…"));
-  main.replaceChildren(el("h2", {}, "Mesh"), cards);
+  const groups = el("div", { class: "cards", id: "groups" });
+  const groupsHead = el("h2", { hidden: "" }, "Node groups");
+  main.replaceChildren(el("h2", {}, "Mesh"), cards, groupsHead, groups);
   const draw = (body) => {
     const nodes = body.nodes || [];
     cards.replaceChildren(...(nodes.length ? nodes.map(nodeCard)
       : [el("p", { class: "muted" }, "no nodes yet")]));
+    const gs = body.groups || [];
+    groupsHead.hidden = !gs.length;
+    groups.replaceChildren(...gs.map(groupCard));
   };
   api("/api/nodes").then(draw).catch((err) => setConn(err.message, true));
   return subscribe("/api/events", draw);

@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.api.common import json_body, openai_error
+from coordinator.groups import GroupManager
 from coordinator.nodes import NodeRegistry, NodeView
 from coordinator.service import ChatService
 from coordinator.settings import SettingsStore
@@ -255,7 +256,9 @@ def nodes_json(registry: NodeRegistry) -> dict[str, Any]:
     return {
         "nodes": [
             _node_json(v, registry.stale_after, indexed.get(v.target, 0)) for v in registry.nodes()
-        ]
+        ],
+        # Node groups (coordinator.groups), as GET /api/groups lists them.
+        "groups": [g.json() for g in GroupManager(registry).groups()],
     }
 
 

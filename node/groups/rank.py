@@ -9,12 +9,14 @@ Every rank loads its part of the model, split by MACMESH_GROUP_STRATEGY: tensor
 parallel (`model.shard(group)`: every layer's heads and MLP columns) or pipeline
 (`model.model.pipeline(group)`: consecutive layers; activations pass from rank to
 rank and every rank gets the last one), and then runs the same forward passes in
-lockstep. Rank 0 is driven by its node
-agent through JSON lines (stdin: commands, stdout: events); it broadcasts each
-request to the other ranks with an `all_sum` (its data, zeros elsewhere). Only
-rank 0 samples: every decode step it broadcasts the token and a stop flag the
-same way, so every rank feeds the same token and a cancel or a stop
-sequence seen on rank 0 ends the generation on every rank at the same step.
+lockstep. Rank 0 is driven by its node agent through JSON lines (stdin: commands,
+stdout: events) and passes each command on to the other ranks over their control
+connections, where idle ranks wait in a blocking read (waiting in a ring
+collective spins a core: ~100% CPU per idle rank, measured). Only rank 0
+samples: every decode step it broadcasts the token and a stop flag with an
+`all_sum` (its values, zeros elsewhere), so every rank feeds the same token, and
+a cancel or a stop sequence seen on rank 0 ends the generation on every rank at
+the same step.
 
 Rank 0 protocol (one JSON object a line):
   in:  {"op": "generate", "tokens": [...], "max_tokens": N, "temperature": T, "seed": S,
@@ -36,6 +38,7 @@ import contextlib
 import hmac
 import json
 import os
+import queue
 import socket
 import sys
 import threading
@@ -43,10 +46,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Broadcast header: op, prompt length, max_tokens, seed, temperature (1/1000),
-# top_p (1/1e6), min_p (1/1e6), top_k, repetition penalty (1/1000).
-_HEADER = 9
-_OP_SHUTDOWN, _OP_GENERATE = 0, 1
 # Prompt tokens per prefill forward pass (bounds the activations' memory).
 _PREFILL_STEP = 512
 
@@ -110,15 +109,19 @@ def _control_listen() -> socket.socket:
     return server
 
 
+# Rank 0: its connection to every other rank, which carries each command to them.
+_members: dict[int, socket.socket] = {}
+
+
 def _control_accept(server: socket.socket, size: int) -> None:
     """Rank 0: one connection from each other rank, each with the group's token."""
     server.settimeout(_CONTROL_TIMEOUT)
-    members: set[int] = set()
+    members = _members
     while len(members) < size - 1:
         try:
             conn, _ = server.accept()
         except TimeoutError:
-            _die(f"members {sorted(set(range(1, size)) - members)} never connected")
+            _die(f"members {sorted(set(range(1, size)) - set(members))} never connected")
         conn.settimeout(10)
         try:
             hello = conn.recv(256).decode(errors="replace").split()
@@ -134,13 +137,23 @@ def _control_accept(server: socket.socket, size: int) -> None:
             continue
         conn.settimeout(None)
         _keepalive(conn)
-        members.add(int(hello[0]))
+        members[int(hello[0])] = conn
         threading.Thread(target=_watch, args=(conn, f"rank {hello[0]}"), daemon=True).start()
     server.close()
 
 
-def _control_connect(rank: int) -> None:
-    """Rank > 0: connect to rank 0's control port and watch it."""
+def _tell_members(cmd: dict[str, Any]) -> None:
+    """Rank 0: a command to every other rank, over its control connection."""
+    line = (json.dumps(cmd) + "\n").encode()
+    for rank, conn in sorted(_members.items()):
+        try:
+            conn.sendall(line)
+        except OSError:
+            _die(f"rank {rank} left the group")
+
+
+def _control_connect(rank: int) -> queue.Queue[dict[str, Any]]:
+    """Rank > 0: connect to rank 0's control port; its commands arrive on the queue."""
     ip, _, port = os.environ["MACMESH_GROUP_CONTROL"].rpartition(":")
     deadline = time.monotonic() + _CONTROL_TIMEOUT
     while True:
@@ -154,7 +167,20 @@ def _control_connect(rank: int) -> None:
     sock.settimeout(None)
     _keepalive(sock)
     sock.sendall(f"{rank} ".encode() + _token() + b"\n")
-    threading.Thread(target=_watch, args=(sock, "rank 0"), daemon=True).start()
+    commands: queue.Queue[dict[str, Any]] = queue.Queue()
+    threading.Thread(target=_follow, args=(sock, commands), daemon=True).start()
+    return commands
+
+
+def _follow(sock: socket.socket, commands: queue.Queue[dict[str, Any]]) -> None:
+    """Rank > 0: rank 0's commands, one JSON line each, until its end closes (down)."""
+    try:
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                commands.put(json.loads(line))
+    except (OSError, ValueError):
+        pass
+    _die("rank 0 left the group")
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -209,8 +235,7 @@ def _generate(
     model: Any,
     tokenizer: Any,
     group: Any,
-    prompt: list[int],
-    header: list[int],
+    cmd: dict[str, Any],
     commands: _Commands | None,
 ) -> None:
     """One generation in lockstep; rank 0 (`commands`) samples and emits events.
@@ -224,22 +249,25 @@ def _generate(
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    _, _, max_tokens, seed, temp_milli, top_p, min_p, top_k, rep_milli = header
+    prompt = [int(t) for t in cmd["tokens"]]
+    max_tokens = int(cmd.get("max_tokens", 256))
     sampler: Any = None
     processors: list[Any] = []
     if commands is not None:
         vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or 1 << 30)
-        mx.random.seed(seed)
+        top_p, top_k = float(cmd.get("top_p", 1.0)), int(cmd.get("top_k", 0))
+        penalty = float(cmd.get("repetition_penalty", 1.0))
+        mx.random.seed(int(cmd.get("seed", 0)) % (1 << 63))
         sampler = make_sampler(
-            temp=temp_milli / 1000,
-            top_p=top_p / 1e6 if 0 < top_p < 1_000_000 else 0.0,
-            min_p=min_p / 1e6,
+            temp=float(cmd.get("temperature", 0.0)),
+            top_p=top_p if 0 < top_p < 1 else 0.0,
+            min_p=float(cmd.get("min_p", 0.0)),
             # past the vocabulary: keep every token (mlx-lm would raise)
             top_k=top_k if 0 < top_k < vocab else 0,
         )
-        if rep_milli > 0 and rep_milli != 1000:
+        if penalty > 0 and penalty != 1.0:
             processors = make_logits_processors(
-                repetition_penalty=rep_milli / 1000, repetition_context_size=20
+                repetition_penalty=penalty, repetition_context_size=20
             )
     cache = make_prompt_cache(model)
     tokens = mx.array(prompt, dtype=mx.uint32)
@@ -291,10 +319,11 @@ def serve(model_dir: Path) -> int:
     server = _control_listen() if os.environ.get("MLX_RANK") == "0" else None
     group = mx.distributed.init(backend="ring", strict=True)
     rank, size = group.rank(), group.size()
+    follow: queue.Queue[dict[str, Any]] | None = None
     if server is not None:
         _control_accept(server, size)
     else:
-        _control_connect(rank)
+        follow = _control_connect(rank)
         threading.Thread(target=_watch_agent, args=(rank,), daemon=True).start()
     # Lazily: only this rank's part of the weights is ever read (mlx-lm's sharded_load).
     model, config = load_model(model_dir, lazy=True, strict=False)
@@ -311,30 +340,17 @@ def serve(model_dir: Path) -> int:
         memory = sum(int(v.nbytes) for _, v in params)
         _emit({"ready": True, "rank": rank, "size": size, "memory_bytes": memory})
     while True:
-        header: list[int] | None = None
-        cmd: dict[str, Any] = {}
+        # Idle ranks wait here, in a blocking read (a ring collective would spin a core).
         if commands is not None:
             cmd = commands.next()
-            if cmd.get("op") == "generate":
-                header = [
-                    _OP_GENERATE,
-                    len(cmd["tokens"]),
-                    int(cmd.get("max_tokens", 256)),
-                    int(cmd.get("seed", 0)) % (1 << 31),
-                    round(float(cmd.get("temperature", 0.0)) * 1000),
-                    round(float(cmd.get("top_p", 1.0)) * 1e6),
-                    round(float(cmd.get("min_p", 0.0)) * 1e6),
-                    int(cmd.get("top_k", 0)),
-                    round(float(cmd.get("repetition_penalty", 1.0)) * 1000),
-                ]
-            else:
-                header = [_OP_SHUTDOWN] + [0] * (_HEADER - 1)
-        header = _broadcast(header, _HEADER, group)
-        if header[0] == _OP_SHUTDOWN:
+            _tell_members(cmd if cmd.get("op") == "generate" else {"op": "shutdown"})
+        else:
+            assert follow is not None
+            cmd = follow.get()
+        if cmd.get("op") != "generate":
             _stopping.set()
             return 0
-        prompt = _broadcast(list(cmd["tokens"]) if commands is not None else None, header[1], group)
-        _generate(model, tokenizer, group, prompt, header, commands)
+        _generate(model, tokenizer, group, cmd, commands)
 
 
 def run(model_dir: Path) -> int:
