@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from macmesh.bench.procs import ManagedProcess
 
-PROMPT = "Write a long story about a lighthouse keeper and the sea."
+# A new subject each round, so neither side's prompt cache serves more than the chat
+# template's fixed preamble (both report what they served: `cached`).
+SUBJECTS = ("a lighthouse keeper", "a baker", "a lost dog", "a mountain guide", "a clockmaker")
 
 
 def free_port() -> int:
@@ -52,11 +54,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stream_once(http: httpx.Client, base: str, model: str, max_tokens: int) -> dict[str, float]:
-    """One greedy streamed request: TTFT, decode tokens/s, completion tokens."""
+def stream_once(
+    http: httpx.Client, base: str, model: str, max_tokens: int, subject: str
+) -> dict[str, float]:
+    """One greedy streamed request: TTFT, decode tokens/s, completion and cached tokens."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": f"Write a long story about {subject}."}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -64,7 +68,7 @@ def stream_once(http: httpx.Client, base: str, model: str, max_tokens: int) -> d
     }
     t0 = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens = cached = 0
     with http.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -73,11 +77,18 @@ def stream_once(http: httpx.Client, base: str, model: str, max_tokens: int) -> d
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
+                details = chunk["usage"].get("prompt_tokens_details") or {}
+                cached = int(details.get("cached_tokens") or 0)
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
     decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-    return {"ttft_s": first - t0, "decode_tps": decode, "tokens": float(tokens)}
+    return {
+        "ttft_s": first - t0,
+        "decode_tps": decode,
+        "tokens": float(tokens),
+        "cached": float(cached),
+    }
 
 
 def main() -> int:
@@ -144,15 +155,16 @@ def main() -> int:
 
         samples: dict[str, list[dict[str, float]]] = {"smollm2": [], "tp3": []}
         for model in ("smollm2", "tp3"):  # warm-up: load, first compile
-            stream_once(http, base, model, 8)
+            stream_once(http, base, model, 8, "the sea")
         for i in range(args.rounds):
             order = ("smollm2", "tp3") if i % 2 == 0 else ("tp3", "smollm2")
             for model in order:
-                s = stream_once(http, base, model, args.max_tokens)
+                s = stream_once(http, base, model, args.max_tokens, SUBJECTS[i % len(SUBJECTS)])
                 samples[model].append(s)
                 print(
                     f"round {i + 1} {model:8s} ttft {s['ttft_s'] * 1000:7.0f} ms  "
-                    f"decode {s['decode_tps']:6.2f} tok/s  ({s['tokens']:.0f} tokens)",
+                    f"decode {s['decode_tps']:6.2f} tok/s  ({s['tokens']:.0f} tokens, "
+                    f"{s['cached']:.0f} prompt tokens cached)",
                     flush=True,
                 )
 

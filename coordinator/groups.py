@@ -201,31 +201,45 @@ class GroupManager:
         at a size the model can be split into (rank 0's node checks). Starts nothing."""
         if self._rooms is None:
             raise Unavailable("this coordinator cannot propose groups")
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(f"must be one of {', '.join(STRATEGIES)}", field="strategy")
         views = [v for v in self.registry.online() if v.state is not None and v.model(model)]
+        if not views:
+            raise from_code("NOT_FOUND", f"no online node has model {model!r}")
+        if len(views) < max(size, 2):
+            holders = ", ".join(sorted(v.node_id for v in views))
+            raise InvalidRequest(
+                f"a group of {max(size, 2)} needs as many online nodes with {model!r}; "
+                f"only {holders} {'has' if len(views) == 1 else 'have'} it "
+                "(copy it with `macmesh models copy`)",
+                field="size" if size else "model",
+            )
         need, rooms = self._rooms(model, views)
         by_id = {v.node_id: v for v in views}
-        sizes = [size] if size else list(range(2, len(views) + 1))
-        refusal = f"no online node has {model!r}" if not views else ""
-        for n in sizes:
+        short: NoRoom | None = None  # the memory refusal, if every size fits nowhere
+        split = ""  # the model's refusal of every size that fits
+        for n in [size] if size else range(2, len(views) + 1):
             placed = place_group(model, need, rooms, n)
             if isinstance(placed, NoRoom):
-                refusal = placed.message
+                short = short or placed
                 continue
-            if not size:  # the heads must divide this size: ask (nothing starts)
-                first = by_id[placed.members[0]]
-                try:
-                    await first.client.check_group_rank(
-                        pb.GroupRankRequest(
-                            name=name, model=model, rank=0, hosts=[""] * n, strategy=strategy
-                        )
+            try:  # the model must split into this size: ask (nothing starts)
+                await by_id[placed.members[0]].client.check_group_rank(
+                    pb.GroupRankRequest(
+                        name=name, model=model, rank=0, hosts=[""] * n, strategy=strategy
                     )
-                except InvalidRequest as err:
-                    if "do not divide" in err.message or "at least as many layers" in err.message:
-                        refusal = err.message
-                        continue
+                )
+            except InvalidRequest as err:
+                fits = "do not divide" in err.message or "at least as many layers" in err.message
+                if size or not fits:
                     raise
+                split = err.message
+                continue
             return Proposal(model, placed.members, placed.share_bytes, need, placed.why)
-        raise Unavailable(f"no group fits: {refusal}" if refusal else "no group fits")
+        if split and short is None:
+            raise InvalidRequest(f"no group size works: {split}", field="model")
+        assert short is not None
+        raise Unavailable(f"no group fits now: {short.message}" + (f"; {split}" if split else ""))
 
     async def create(
         self,

@@ -219,10 +219,18 @@ def test_two_stage_pipeline(models_dir: Path, tmp_path: Path) -> None:
         ranks = await _form(_spec(models_dir, 2, model=model, strategy="pipeline"))
         try:
             await ranks[0].ready(timeout=120)
-            for _ in range(2):
+            # The second time, the ranks' held KV cache serves all but the last prompt
+            # token; the tokens stay the same.
+            for i in range(2):
                 got, done = await _collect(ranks[0].generate(prompt, max_tokens=12))
                 assert (got, done["done"]) == (expected[: len(got)], done["done"])
                 assert len(got) == 12 or done["done"] == "stop"
+                assert done["cached"] == (len(prompt) - 1 if i else 0), done
+            # A prompt that shares only a prefix: that much is served, the rest computed.
+            other = prompt[:-4] + prompt[-2:]
+            want, _ = _single(models_dir, other, 6, model_dir=model)
+            got, done = await _collect(ranks[0].generate(other, max_tokens=6))
+            assert got == want[: len(got)] and done["cached"] == len(prompt) - 4, done
         finally:
             for rank in ranks:
                 await rank.stop()

@@ -128,6 +128,17 @@ def test_bad_groups_are_refused_before_anything_starts(lab: dict[str, Any]) -> N
         r = httpx.post(f"{base}/api/groups", json=body, timeout=60)
         assert r.status_code == status, (body, r.text)
         assert words in r.json()["error"]["message"], (body, r.text)
+    for query, status, words in [
+        ("model=nope", 404, "no online node has model 'nope'"),
+        ("model=smollm2&size=4", 400, "a group of 4 needs as many online nodes"),
+        ("model=smollm2&size=2", 400, "do not divide"),
+        ("model=smollm2&size=x", 400, "size"),
+        ("model=smollm2&strategy=expert", 400, "strategy"),
+        ("", 400, "model"),
+    ]:
+        r = httpx.get(f"{base}/api/groups/propose?{query}", timeout=60)
+        assert r.status_code == status, (query, r.text)
+        assert words in r.json()["error"]["message"], (query, r.text)
     assert httpx.get(f"{base}/api/groups").json() == {"groups": []}
     for proc in lab["nodes"]:
         assert proc.alive()

@@ -381,7 +381,7 @@ class GroupBackend:
                 self._on_change()
                 begun = time.perf_counter()
                 first = 0.0
-                tokens = 0
+                tokens = cached = 0
                 reason = FinishReason.LENGTH
                 stream = r.proc.generate(
                     ids,
@@ -396,12 +396,14 @@ class GroupBackend:
                 try:
                     async for event in stream:
                         if "done" in event:
+                            cached = int(event.get("cached", 0))
                             reason = {
                                 "stop": FinishReason.STOP,
                                 "cancelled": FinishReason.CANCELLED,
                             }.get(event["done"], FinishReason.LENGTH)
                             break
                         tokens += 1
+                        cached = int(event.get("cached", cached))
                         if not first:
                             first = time.perf_counter()
                             adm.prefilled()
@@ -429,6 +431,7 @@ class GroupBackend:
                 usage = Usage(
                     prompt_tokens=len(ids),
                     completion_tokens=tokens,
+                    cached_prompt_tokens=cached,
                     prompt_seconds=(first or end) - begun,
                     generation_seconds=end - (first or end),
                     queue_seconds=begun - arrived,

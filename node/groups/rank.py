@@ -16,7 +16,9 @@ collective spins a core: ~100% CPU per idle rank, measured). Only rank 0
 samples: every decode step it broadcasts the token and a stop flag with an
 `all_sum` (its values, zeros elsewhere), so every rank feeds the same token, and
 a cancel or a stop sequence seen on rank 0 ends the generation on every rank at
-the same step.
+the same step. Each rank keeps the last request's KV cache, and the next prompt
+reuses the prefix they share: the same decision on every rank, as they all see
+the same tokens.
 
 Rank 0 protocol (one JSON object a line):
   in:  {"op": "generate", "tokens": [...], "max_tokens": N, "temperature": T, "seed": S,
@@ -24,7 +26,8 @@ Rank 0 protocol (one JSON object a line):
        {"op": "cancel"}       (ends the running generation)
        {"op": "shutdown"}     (all ranks exit)
   out: {"ready": true, "rank": 0, "size": N, "memory_bytes": B}
-       {"token": id, "text": "..."} per generated token
+       {"token": id, "text": "..."} per generated token (the first also has
+        "cached": the prompt tokens served from the last request's KV cache)
        {"done": "stop"|"length"|"cancelled", "tokens": n, "seconds": s}
        {"error": "..."} then exit (a lost peer: the group is down)
 
@@ -231,6 +234,35 @@ def _broadcast(values: list[int] | None, size: int, group: Any) -> list[int]:
     return result
 
 
+class _Held:
+    """This rank's KV cache from the last request and the tokens in it. Every rank sees
+    the same tokens, so every rank reuses the same prefix and the ranks stay in step."""
+
+    cache: list[Any] | None = None
+    tokens: list[int] = []
+
+
+_held = _Held()
+
+
+def _reuse(model: Any, prompt: list[int]) -> tuple[list[Any], int]:
+    """The cache for `prompt`: the last one trimmed to their common prefix (at least one
+    prompt token is left to run), else a fresh one; and how many tokens it serves."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    common = 0
+    if _held.cache is not None and can_trim_prompt_cache(_held.cache):
+        limit = min(len(_held.tokens), len(prompt) - 1)
+        while common < limit and _held.tokens[common] == prompt[common]:
+            common += 1
+    if common == 0 or _held.cache is None:
+        _held.cache, _held.tokens = make_prompt_cache(model), []
+        return _held.cache, 0
+    trim_prompt_cache(_held.cache, len(_held.tokens) - common)
+    del _held.tokens[common:]
+    return _held.cache, common
+
+
 def _generate(
     model: Any,
     tokenizer: Any,
@@ -246,7 +278,6 @@ def _generate(
     collectives would then pair with the wrong ones (garbage, or a hang).
     """
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     prompt = [int(t) for t in cmd["tokens"]]
@@ -269,12 +300,14 @@ def _generate(
             processors = make_logits_processors(
                 repetition_penalty=penalty, repetition_context_size=20
             )
-    cache = make_prompt_cache(model)
-    tokens = mx.array(prompt, dtype=mx.uint32)
+    cache, cached = _reuse(model, prompt)
+    held = _held.tokens  # what the cache holds, kept exact as tokens are fed
+    tokens = mx.array(prompt[cached:], dtype=mx.uint32)
     while tokens.size > 1:  # prefill all but the last prompt token, in chunks
         step = min(_PREFILL_STEP, tokens.size - 1)
         model(tokens[None, :step], cache=cache)
         mx.eval([c.state for c in cache])
+        held.extend(tokens[:step].tolist())  # type: ignore[arg-type]
         tokens = tokens[step:]
     history = list(prompt)
     detok = tokenizer.detokenizer
@@ -285,6 +318,7 @@ def _generate(
     reason = "length"
     while n < max_tokens:
         logits = model(tokens[None], cache=cache)[:, -1, :]
+        held.extend(tokens.tolist())  # type: ignore[arg-type]
         picked: list[int] | None = None
         if commands is not None:
             for proc in processors:
@@ -304,10 +338,13 @@ def _generate(
         history.append(token)
         if commands is not None:
             detok.add_token(token)
-            _emit({"token": token, "text": detok.last_segment})
+            event: dict[str, Any] = {"token": token, "text": detok.last_segment}
+            if n == 1:
+                event["cached"] = cached  # prompt tokens the held cache served
+            _emit(event)
         tokens = mx.array([token], dtype=mx.uint32)
     if commands is not None:
-        _emit({"done": reason, "tokens": n, "seconds": time.perf_counter() - t0})
+        _emit({"done": reason, "tokens": n, "seconds": time.perf_counter() - t0, "cached": cached})
 
 
 def serve(model_dir: Path) -> int:
