@@ -337,12 +337,17 @@ class GroupManager:
             raise
         # The members' next state pushes carry the ranks; wait for them so the answer
         # (and the next request) sees the group up.
-        async with asyncio.timeout(10):
-            while True:
-                group = next((g for g in self.groups() if g.name == name), None)
-                if group is not None and group.state == "up" and len(group.ranks) == size:
-                    return group
-                await self.registry.wait_changed(1.0)
+        group: GroupView | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while True:
+                    group = next((g for g in self.groups() if g.name == name), None)
+                    if group is not None and group.state == "up" and len(group.ranks) == size:
+                        return group
+                    await self.registry.wait_changed(1.0)
+        if group is None:
+            raise Unavailable(f"group {name!r} formed, but its members have not reported it yet")
+        return group
 
     async def remove(self, name: str) -> GroupView:
         """Stop every rank of `name` (rank 0 first: it shuts the group down cleanly)."""

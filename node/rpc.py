@@ -191,7 +191,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request: pb.GroupRankRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CheckGroupRankResponse:
         try:
-            check = self.core.groups.check(
+            check = await asyncio.to_thread(  # reads the model's config, imports mlx-lm
+                self.core.groups.check,
                 request.name,
                 request.model,
                 request.rank,

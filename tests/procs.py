@@ -100,3 +100,57 @@ def wait_until(
             logs = "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
             raise AssertionError(f"{what}: not within {timeout:.0f}s\n{logs}")
         time.sleep(0.1)
+
+
+@dataclass
+class Lab:
+    """Plain `macmesh node` processes (ids node-0, node-1, ...) and a separate
+    `macmesh coordinator` peering with them, as a lab deploys them."""
+
+    procs: Procs
+    nodes: list[Proc]
+    coordinator: Proc
+    base: str
+
+    @property
+    def everyone(self) -> list[Proc]:
+        return [*self.nodes, self.coordinator]
+
+
+def start_lab(root: Path, n: int, prepare: Callable[[int, Path], object]) -> Lab:
+    """`n` nodes, each home filled by `prepare(i, home)` (its `models/` exists), and the
+    coordinator; returns once it sees all `n` online. The caller stops `lab.procs`."""
+    procs = Procs(root)
+    ports = [free_port() for _ in range(n + 1)]
+    nodes: list[Proc] = []
+    try:
+        for i, port in enumerate(ports[:n]):
+            home = root / f"home{i}"
+            (home / "models").mkdir(parents=True)
+            (home / "node_id").write_text(f"node-{i}\n")
+            prepare(i, home)
+            nodes.append(
+                procs.spawn(
+                    f"node{i}",
+                    [MACMESH, "node", "--grpc-port", str(port), "--metrics-port", "-1"],
+                    {"MACMESH_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root)},
+                )
+            )
+        (root / "coord").mkdir()
+        peers = [a for p in ports[:n] for a in ("--peer", f"127.0.0.1:{p}")]
+        coord = procs.spawn(
+            "coordinator",
+            [MACMESH, "coordinator", "--port", str(ports[n]), "--no-bonjour", *peers],
+            {"MACMESH_HOME": str(root / "coord"), "HF_HUB_OFFLINE": "1"},
+        )
+        base = f"http://127.0.0.1:{ports[n]}"
+        wait_until(
+            lambda: httpx.get(f"{base}/health").json()["nodes_online"] == n,
+            240,
+            f"{n} nodes online",
+            [*nodes, coord],
+        )
+    except BaseException:
+        procs.stop_all()
+        raise
+    return Lab(procs, nodes, coord, base)

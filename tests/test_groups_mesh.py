@@ -27,7 +27,7 @@ import pytest
 
 from tests.browser import console_errors, needs_browser
 from tests.group_models import make_tiny_qwen2
-from tests.procs import MACMESH, Proc, Procs, free_port, wait_until
+from tests.procs import MACMESH, start_lab, wait_until
 
 QUESTION = "What is the capital of France?"
 NODES = ("node-0", "node-1", "node-2")
@@ -37,42 +37,16 @@ NODES = ("node-0", "node-1", "node-2")
 def lab(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("groups-lab")
     tiny = make_tiny_qwen2(root / "tinyqwen", models_dir / "smollm2")
-    procs = Procs(root)
-    ports = [free_port() for _ in range(4)]
-    nodes: list[Proc] = []
+
+    def prepare(_: int, home: Path) -> None:
+        (home / "models" / "smollm2").symlink_to(models_dir / "smollm2")
+        (home / "models" / "tinyqwen").symlink_to(tiny)
+
+    lab = start_lab(root, 3, prepare)
     try:
-        for i, port in enumerate(ports[:3]):
-            home = root / f"home{i}"
-            (home / "models").mkdir(parents=True)
-            (home / "node_id").write_text(f"node-{i}\n")
-            (home / "models" / "smollm2").symlink_to(models_dir / "smollm2")
-            (home / "models" / "tinyqwen").symlink_to(tiny)
-            nodes.append(
-                procs.spawn(
-                    f"node{i}",
-                    [MACMESH, "node", "--grpc-port", str(port), "--metrics-port", "-1"],
-                    {"MACMESH_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root)},
-                )
-            )
-        coord_home = root / "coord"
-        coord_home.mkdir()
-        peers = [a for p in ports[:3] for a in ("--peer", f"127.0.0.1:{p}")]
-        coord = procs.spawn(
-            "coordinator",
-            [MACMESH, "coordinator", "--port", str(ports[3]), "--no-bonjour", *peers],
-            {"MACMESH_HOME": str(coord_home), "HF_HUB_OFFLINE": "1"},
-        )
-        base = f"http://127.0.0.1:{ports[3]}"
-        everyone = [*nodes, coord]
-        wait_until(
-            lambda: httpx.get(f"{base}/health").json()["nodes_online"] == 3,
-            240,
-            "three nodes online",
-            everyone,
-        )
-        yield {"base": base, "nodes": nodes, "all": everyone}
+        yield {"base": lab.base, "nodes": lab.nodes, "all": lab.everyone}
     finally:
-        procs.stop_all()
+        lab.procs.stop_all()
 
 
 def _cli(base: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,7 @@ import pytest
 from coordinator.nodes import FLAP_OUTAGES, SETTLE_SECONDS, STALE_AFTER, NodeView
 from mesh.types import NodeState
 from tests.gguf_fixtures import make_tiny, write_tiny_gguf
-from tests.procs import MACMESH, Proc, Procs, free_port, wait_until
+from tests.procs import start_lab, wait_until
 
 FILE = "hung-tiny"
 MODEL = f"{FILE}.gguf"  # the id a GGUF file in the models dir gets
@@ -37,50 +37,23 @@ BOUND = 15.0
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, llama_server_binary: Path) -> Iterator[Any]:
-    root = tmp_path_factory.mktemp("hung")
-    procs = Procs(root)
-    ports = [free_port() for _ in range(3)]
-    nodes: list[Proc] = []
+    lab = start_lab(
+        tmp_path_factory.mktemp("hung"),
+        2,
+        lambda _, home: write_tiny_gguf(home / "models" / MODEL, make_tiny()),
+    )
     try:
-        for i, port in enumerate(ports[:2]):
-            home = root / f"home{i}"
-            (home / "models").mkdir(parents=True)
-            (home / "node_id").write_text(f"node-{i}\n")
-            write_tiny_gguf(home / "models" / MODEL, make_tiny())
-            nodes.append(
-                procs.spawn(
-                    f"node{i}",
-                    [MACMESH, "node", "--grpc-port", str(port), "--metrics-port", "-1"],
-                    {"MACMESH_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root)},
-                )
-            )
-        coord_home = root / "coord"
-        coord_home.mkdir()
-        peers = [a for p in ports[:2] for a in ("--peer", f"127.0.0.1:{p}")]
-        coord = procs.spawn(
-            "coordinator",
-            [MACMESH, "coordinator", "--port", str(ports[2]), "--no-bonjour", *peers],
-            {"MACMESH_HOME": str(coord_home), "HF_HUB_OFFLINE": "1"},
-        )
-        base = f"http://127.0.0.1:{ports[2]}"
-        everyone = [*nodes, coord]
-        wait_until(
-            lambda: httpx.get(f"{base}/health").json()["nodes_online"] == 2,
-            240,
-            "two nodes online",
-            everyone,
-        )
         for node in ("node-0", "node-1"):  # loaded on both, so either may serve
             r = httpx.post(
-                f"{base}/api/models/load", json={"model": MODEL, "node": node}, timeout=120
+                f"{lab.base}/api/models/load", json={"model": MODEL, "node": node}, timeout=120
             )
             assert r.status_code == 200, r.text
-        yield {"base": base, "nodes": nodes, "all": everyone}
+        yield {"base": lab.base, "nodes": lab.nodes, "all": lab.everyone}
     finally:
-        for proc in nodes:  # a frozen process ignores SIGTERM until thawed
+        for proc in lab.nodes:  # a frozen process ignores SIGTERM until thawed
             if proc.alive() and proc.process.proc is not None:
                 os.kill(proc.process.proc.pid, signal.SIGCONT)
-        procs.stop_all()
+        lab.procs.stop_all()
 
 
 def _status(base: str, node: str) -> str:

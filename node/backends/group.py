@@ -37,13 +37,12 @@ from mesh.types import (
     ModelLoad,
     RenderedPrompt,
     Started,
-    TextPrompt,
     Usage,
 )
 from node.backends.base import BackendContext
 from node.backends.chat_template import template_supports_tools
 from node.backends.common import check_prompt, request_id, room
-from node.backends.mlx_prompt import parser_config, render_chat
+from node.backends.mlx_prompt import parser_config, prompt_ids, render_chat
 from node.backends.outparse import OutputParser
 from node.backends.stats import Admission, ModelStats
 from node.groups.driver import GroupSpec, RankProcess, check_member
@@ -349,21 +348,7 @@ class GroupBackend:
                 "speculative decoding is not available for node groups", field="draft_model"
             )
         sampling = resolve_sampling(request.sampling, self._config.sampling)
-        prompt = request.prompt
-        if isinstance(prompt, ChatPrompt):
-            ids = await asyncio.to_thread(
-                render_chat, r.tokenizer, request.model, r.native_tools, prompt
-            )
-        elif isinstance(prompt, TextPrompt):
-            if not prompt.text:
-                raise InvalidRequest("must not be empty", field="text")
-            ids = list(r.tokenizer.encode(prompt.text, add_special_tokens=True))
-        else:
-            ids = list(prompt.ids)
-            vocab = len(r.tokenizer)
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
+        ids = await prompt_ids(r.tokenizer, request.model, r.native_tools, request.prompt)
         check_prompt(ids, r.context_length)
         max_tokens = room(sampling.max_tokens, ids, r.context_length)
         parser = OutputParser(

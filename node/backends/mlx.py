@@ -32,7 +32,6 @@ from mesh.types import (
     ModelLoad,
     RenderedPrompt,
     Started,
-    TextPrompt,
     Tool,
 )
 from node.backends.base import BackendContext
@@ -41,7 +40,7 @@ from node.backends.common import check_prompt, drain, request_id, room
 from node.backends.mlx_draft import check_draft_tokenizer, check_speculative_cache
 from node.backends.mlx_engine import Engine
 from node.backends.mlx_job import GenJob
-from node.backends.mlx_prompt import parser_config, render_chat
+from node.backends.mlx_prompt import parser_config, prompt_ids, render_chat
 from node.backends.outparse import ParserConfig
 from node.backends.stats import ModelStats
 from node.cache import CacheConfig, PromptCaches
@@ -336,19 +335,7 @@ class MLXBackend:
         sampling = resolve_sampling(request.sampling, self.defaults)
         lm = await self._model(request.model)
         draft = await self._draft(lm, request.draft_model) if request.draft_model else None
-        prompt = request.prompt
-        if isinstance(prompt, ChatPrompt):
-            ids = await asyncio.to_thread(self._render_sync, lm, prompt)
-        elif isinstance(prompt, TextPrompt):
-            if not prompt.text:
-                raise InvalidRequest("must not be empty", field="text")
-            ids = list(lm.tokenizer.encode(prompt.text, add_special_tokens=True))
-        else:
-            ids = list(prompt.ids)
-            vocab = len(lm.tokenizer)
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
+        ids = await prompt_ids(lm.tokenizer, lm.entry.id, lm.native_tools, request.prompt)
         check_prompt(ids, lm.context_length)
         sampling = replace(sampling, max_tokens=room(sampling.max_tokens, ids, lm.context_length))
         rid = request_id(request)

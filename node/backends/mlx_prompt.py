@@ -6,11 +6,12 @@ with the same tokenizer wrapper and parse the same output conventions.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 from mesh.errors import InvalidRequest
-from mesh.types import ChatPrompt, Tool
+from mesh.types import ChatPrompt, Prompt, TextPrompt, Tool
 from node.backends.chat_template import build_template_input
 from node.backends.common import with_fallback_tools
 from node.backends.outparse import ParserConfig, prompt_opens_reasoning
@@ -45,6 +46,23 @@ def render_chat(tok: Any, model_id: str, native_tools: bool, chat: ChatPrompt) -
     except ValueError as exc:
         raise InvalidRequest(str(exc), field="messages") from None
     return list(tok.encode(text, add_special_tokens=False))
+
+
+async def prompt_ids(tok: Any, model_id: str, native_tools: bool, prompt: Prompt) -> list[int]:
+    """The token ids a request's prompt stands for: a chat rendered (in a thread), text
+    encoded, or token ids checked against the vocabulary; InvalidRequest naming the field."""
+    if isinstance(prompt, ChatPrompt):
+        return await asyncio.to_thread(render_chat, tok, model_id, native_tools, prompt)
+    if isinstance(prompt, TextPrompt):
+        if not prompt.text:
+            raise InvalidRequest("must not be empty", field="text")
+        return list(tok.encode(prompt.text, add_special_tokens=True))
+    ids = list(prompt.ids)
+    vocab = len(tok)
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} >= vocabulary size {vocab}", field="tokens")
+    return ids
 
 
 def parser_config(

@@ -176,7 +176,7 @@ class RankProcess:
 
     async def start(self) -> None:
         """Check the member, then start the rank (it forms the ring with its peers)."""
-        check_member(self.spec)
+        await asyncio.to_thread(check_member, self.spec)
         hostfile = Path(self._dir.name) / "hosts.json"
         hostfile.write_text(json.dumps([[h] for h in self.spec.hosts]))
         env = dict(
