@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.keys import ApiKey
 from coordinator.metrics import CLIENT_CLOSED, OK, status_of
@@ -53,6 +53,8 @@ class AudioRoute:
     resolution: Resolution
     nodes: list[NodeView]
     received: float
+    # The nodes tried so far, in order; the last one is serving (or failed last).
+    tried: list[NodeView] = field(default_factory=list)
 
 
 class AudioService:
@@ -171,6 +173,7 @@ class AudioService:
         try:
             for node in route.nodes:
                 last = node
+                route.tried.append(node)
                 node.inflight += 1
                 call = node.client.transcribe(
                     TranscribeRequest(
@@ -223,6 +226,7 @@ class AudioService:
         try:
             for node in route.nodes:
                 last = node
+                route.tried.append(node)
                 node.inflight += 1
                 stream = node.client.speak(
                     SpeakRequest(

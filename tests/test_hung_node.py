@@ -115,6 +115,9 @@ def _speak_and_hear(base: str, i: int) -> tuple[str, float]:
         timeout=60,
     )
     assert speech.status_code == 200, speech.text
+    # The frozen node-0 never answers: the headers name the node that did, and any it left.
+    assert speech.headers["x-macmesh-node"] == "node-1", speech.headers
+    assert speech.headers.get("x-macmesh-retried-from", "node-0") == "node-0"
     heard = httpx.post(
         f"{base}/v1/audio/transcriptions",
         files={"file": ("a.wav", speech.content, "audio/wav")},
@@ -122,6 +125,8 @@ def _speak_and_hear(base: str, i: int) -> tuple[str, float]:
         timeout=60,
     )
     assert heard.status_code == 200, heard.text
+    assert heard.headers["x-macmesh-node"] == "node-1", heard.headers
+    assert heard.headers.get("x-macmesh-retried-from", "node-0") == "node-0"
     return heard.text, time.monotonic() - t0
 
 

@@ -52,12 +52,17 @@ def _audio(request: Request) -> AudioService:
     return cast(AudioService, request.app.state.audio)
 
 
-def _headers(route: AudioRoute, node_id: str) -> dict[str, str]:
-    return {
-        "x-macmesh-node": node_id,
+def _headers(route: AudioRoute) -> dict[str, str]:
+    """The node that answered, and those that failed before it (as chat answers say)."""
+    tried = route.tried or route.nodes[:1]
+    headers = {
+        "x-macmesh-node": tried[-1].node_id,
         "x-macmesh-model": route.resolution.model,
         "x-macmesh-route-reason": "least-loaded",
     }
+    if len(tried) > 1:
+        headers["x-macmesh-retried-from"] = ",".join(v.node_id for v in tried[:-1])
+    return headers
 
 
 # ---------- transcriptions ----------
@@ -102,8 +107,7 @@ async def transcriptions(request: Request) -> Response:
         )
     except errors.MeshError as err:
         return openai_error(err)
-    headers = _headers(route, route.nodes[0].node_id)
-    return _transcription_response(result, response_format, headers)
+    return _transcription_response(result, response_format, _headers(route))
 
 
 def _check_upload(data: bytes, filename: str) -> str:
@@ -247,9 +251,8 @@ async def speech(request: Request) -> Response:
     except errors.MeshError as err:
         await chunks.aclose()
         return openai_error(err)
-    node = route.nodes[0].node_id
     media = first.content_type or CONTENT_TYPES.get(req.format, "application/octet-stream")
-    headers = _headers(route, node)
+    headers = _headers(route)
     if first.sample_rate:
         headers["x-sample-rate"] = str(first.sample_rate)
     return StreamingResponse(_relay(first, chunks), media_type=media, headers=headers)
