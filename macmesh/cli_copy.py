@@ -15,7 +15,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags
+from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags, run_admin
 from macmesh.transfer_progress import ProgressBar, follow
 
 
@@ -67,25 +67,22 @@ def cmd_models_copy(args: argparse.Namespace) -> int:
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
     """`macmesh models rm MODEL --node NODE [--force]`."""
-    client = AdminClient.from_args(args, timeout=args.timeout)
     path = f"/api/models/{quote(args.model, safe='/')}"
     params = {"node": args.node, "force": "true" if args.force else "false"}
-    try:
+
+    def delete(client: AdminClient) -> int:
         out = client.call("DELETE", path, params=params)
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        unloaded = " (unloaded first)" if out.get("was_loaded") else ""
-        print(
-            f"deleted {out['deleted']} from {out['node']}: {out['path']}, "
-            f"{_mb(out['bytes_freed'])} freed{unloaded}"
-        )
-    return 0
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            unloaded = " (unloaded first)" if out.get("was_loaded") else ""
+            print(
+                f"deleted {out['deleted']} from {out['node']}: {out['path']}, "
+                f"{_mb(out['bytes_freed'])} freed{unloaded}"
+            )
+        return 0
+
+    return run_admin(args, delete, timeout=args.timeout)
 
 
 def add_parsers(msub: Any) -> None:

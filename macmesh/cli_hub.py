@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags
+from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags, run_admin
 from macmesh.transfer_progress import ProgressBar, follow, human_bytes
 
 
@@ -65,17 +65,18 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models_search(args: argparse.Namespace) -> int:
-    client = AdminClient.from_args(args, timeout=60)
     params: dict[str, Any] = {"q": args.text, "limit": args.limit}
     if args.kind:
         params["kind"] = args.kind
-    try:
-        results = client.get("/api/models/search", params=params)["results"]
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
+    found: list[dict[str, Any]] = []
+
+    def search(client: AdminClient) -> int:
+        found.extend(client.get("/api/models/search", params=params)["results"])
+        return 0
+
+    if run_admin(args, search, timeout=60):
         return 1
-    finally:
-        client.close()
+    results = found
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

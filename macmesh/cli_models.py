@@ -136,56 +136,52 @@ def render_mesh_table(models: list[dict[str, Any]]) -> str:
 
 def cmd_models_table(args: argparse.Namespace) -> int:
     """`macmesh models`: the mesh-wide table from a coordinator."""
-    from macmesh.admin_client import AdminClient, AdminError
+    from macmesh.admin_client import AdminClient, run_admin
 
-    try:
-        data = AdminClient.from_args(args).get("/api/models")
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(data["models"], indent=2))
-    elif not data["models"]:
-        print("no models on any online node")
-    else:
-        print(render_mesh_table(data["models"]))
-    return 0
+    def show(client: AdminClient) -> int:
+        data = client.get("/api/models")
+        if args.json:
+            print(json.dumps(data["models"], indent=2))
+        elif not data["models"]:
+            print("no models on any online node")
+        else:
+            print(render_mesh_table(data["models"]))
+        return 0
+
+    return run_admin(args, show)
 
 
 def cmd_models_load(args: argparse.Namespace) -> int:
     """`macmesh models load MODEL [--node NODE]`."""
-    from macmesh.admin_client import AdminClient, AdminError
+    from macmesh.admin_client import AdminClient, run_admin
 
-    body = {"model": args.model, "node": args.node}
-    try:
-        out = AdminClient.from_args(args, timeout=args.timeout).post("/api/models/load", body)
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
-        return 1
-    if out.get("already_loaded"):
-        print(f"{out['model']} is already loaded on {out['node']}")
-    else:
-        print(
-            f"loaded {out['model']} on {out['node']} in {out['load_seconds']:.1f}s ({out['why']})"
-        )
-    return 0
+    def load(client: AdminClient) -> int:
+        out = client.post("/api/models/load", {"model": args.model, "node": args.node})
+        if out.get("already_loaded"):
+            print(f"{out['model']} is already loaded on {out['node']}")
+        else:
+            print(
+                f"loaded {out['model']} on {out['node']} in {out['load_seconds']:.1f}s "
+                f"({out['why']})"
+            )
+        return 0
+
+    return run_admin(args, load, timeout=args.timeout)
 
 
 def cmd_models_unload(args: argparse.Namespace) -> int:
     """`macmesh models unload MODEL [--node NODE]`."""
-    from macmesh.admin_client import AdminClient, AdminError
+    from macmesh.admin_client import AdminClient, run_admin
 
-    body = {"model": args.model, "node": args.node}
-    try:
-        out = AdminClient.from_args(args, timeout=args.timeout).post("/api/models/unload", body)
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
-        return 1
-    where = ", ".join(out["unloaded"]) or "nowhere (it was not loaded)"
-    print(f"unloaded {out['model']} on {where}")
-    for node, message in out["failed"].items():
-        print(f"macmesh: {node}: {message}", file=sys.stderr)
-    return 1 if out["failed"] else 0
+    def unload(client: AdminClient) -> int:
+        out = client.post("/api/models/unload", {"model": args.model, "node": args.node})
+        where = ", ".join(out["unloaded"]) or "nowhere (it was not loaded)"
+        print(f"unloaded {out['model']} on {where}")
+        for node, message in out["failed"].items():
+            print(f"macmesh: {node}: {message}", file=sys.stderr)
+        return 1 if out["failed"] else 0
+
+    return run_admin(args, unload, timeout=args.timeout)
 
 
 def add_models_parser(sub: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags
+from macmesh.admin_client import AdminClient, AdminError, add_coordinator_flags, run_admin
 
 COLUMNS = (
     ("time", 8),
@@ -101,8 +101,7 @@ def _follow(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    client = AdminClient.from_args(args)
-    try:
+    def show(client: AdminClient) -> int:
         if not args.json:
             print(_header())
         if args.follow:
@@ -110,13 +109,11 @@ def cmd_requests(args: argparse.Namespace) -> int:
         body = client.get("/api/requests", params=_params(args))
         _print(body["requests"], args.json)
         return 0
-    except AdminError as exc:
-        print(f"macmesh: {exc}", file=sys.stderr)
-        return 1
+
+    try:
+        return run_admin(args, show)
     except KeyboardInterrupt:
         return 0
-    finally:
-        client.close()
 
 
 def add_requests_parser(sub: Any) -> None:
