@@ -99,6 +99,7 @@ bench: install
 	$(BIN)/python bench/prefill_gap.py
 	$(BIN)/python bench/copy_throughput.py
 	$(BIN)/python bench/voice.py
+	$(BIN)/python bench/groups.py --json docs/results/groups-cpu.json
 
 ## The real Claude Code CLI, pinned, in a project-local prefix (for end-to-end checks).
 ## Binary: $(CLAUDE_CODE_BIN). Skipped (exit 0) when npm is missing.

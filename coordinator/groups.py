@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -316,6 +317,7 @@ class GroupManager:
 
         checks = await _all([check(i, v) for i, v in enumerate(views)])
         hosts = [c.host for c in checks]
+        _check_reachable(members, hosts)
         control = checks[0].control
         token = secrets.token_urlsafe(24)
         log.info("forming group %s: %s over %s", name, model, ", ".join(hosts))
@@ -375,6 +377,28 @@ class GroupManager:
             async with asyncio.timeout(5):
                 while any(g.name == group.name for g in self.groups()):
                     await self.registry.wait_changed(0.5)
+
+
+def _loopback(host: str) -> bool:
+    ip = host.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def _check_reachable(members: list[str], hosts: list[str]) -> None:
+    """A member whose ring address is loopback cannot be reached by members elsewhere
+    (a node this coordinator reaches at 127.0.0.1, e.g. its own): refuse before starting."""
+    local = [m for m, h in zip(members, hosts, strict=True) if _loopback(h)]
+    if local and len(local) < len(members):
+        raise InvalidRequest(
+            f"{', '.join(local)} would listen for the group on a loopback address "
+            f"({', '.join(h for h in hosts if _loopback(h))}), which the other members "
+            "cannot reach: start it with `macmesh node --group-host IP` (an address the "
+            "others reach, e.g. its Thunderbolt bridge), or reach it at that address",
+            field="nodes",
+        )
 
 
 async def _all(calls: list[Any]) -> list[Any]:

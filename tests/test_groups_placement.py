@@ -131,3 +131,15 @@ def test_a_node_refuses_a_rank_past_its_memory_budget(models_dir: Path, tmp_path
         assert "group 'g' needs about" in message and "memory budget is 0.01 GiB" in message
     finally:
         node.stop()
+
+
+def test_a_loopback_member_beside_remote_ones_is_refused() -> None:
+    """A node reached at 127.0.0.1 (the coordinator's own) would give the others a ring
+    address they cannot reach: refused before anything starts, naming the fix."""
+    from coordinator.groups import _check_reachable
+    from mesh.errors import InvalidRequest
+
+    _check_reachable(["a", "b"], ["127.0.0.1:1", "127.0.0.1:2"])  # one machine: fine
+    _check_reachable(["a", "b"], ["10.0.0.1:1", "10.0.0.2:2"])
+    with pytest.raises(InvalidRequest, match=r"^nodes: a would listen .*--group-host"):
+        _check_reachable(["a", "b"], ["127.0.0.1:1", "10.0.0.2:2"])
