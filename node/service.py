@@ -265,32 +265,28 @@ class NodeCore:
 
     def check_group_room(self, name: str, need: int) -> None:
         """Refuse a group rank past `--memory-budget` (Overloaded, naming what is held)."""
-        budget = self.config.memory_budget
         resident = self.resident_bytes()
         resident.pop(f"group:{name}", None)  # a down rank of the same group is replaced
+        self._refuse_past_budget(f"group {name!r} needs about", need, resident)
+
+    def _check_room(self, backend: Backend, model_id: str) -> None:
+        """Refuse a load past `--memory-budget` (Overloaded: a coordinator tries elsewhere)."""
+        if not self.config.memory_budget or model_id in backend.loaded():
+            return
+        info = next((m for m in self.list_models() if m.id == model_id), None)
+        need = (info.estimated_bytes or info.size_bytes) if info is not None else 0
+        self._refuse_past_budget(f"model {model_id!r} needs about", need, self.resident_bytes())
+
+    def _refuse_past_budget(self, what: str, need: int, resident: dict[str, int]) -> None:
+        """Overloaded when `need` more bytes would take `resident` past the budget; the
+        message is `what` (e.g. "model 'x' needs about") with the sizes and what is held."""
+        budget = self.config.memory_budget
         used = sum(resident.values())
         if budget and need and used + need > budget:
             held = ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in sorted(resident.items()))
             raise Overloaded(
-                f"group {name!r} needs about {need / 2**30:.2f} GiB on this node, but its "
-                f"memory budget is {budget / 2**30:.2f} GiB with {used / 2**30:.2f} GiB in use"
-                + (f" ({held})" if held else "")
-            )
-
-    def _check_room(self, backend: Backend, model_id: str) -> None:
-        """Refuse a load past `--memory-budget` (Overloaded: a coordinator tries elsewhere)."""
-        budget = self.config.memory_budget
-        if not budget or model_id in backend.loaded():
-            return
-        info = next((m for m in self.list_models() if m.id == model_id), None)
-        need = (info.estimated_bytes or info.size_bytes) if info is not None else 0
-        resident = self.resident_bytes()
-        used = sum(resident.values())
-        if need and used + need > budget:
-            held = ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in sorted(resident.items()))
-            raise Overloaded(
-                f"model {model_id!r} needs about {need / 2**30:.2f} GiB, but this node's memory "
-                f"budget is {budget / 2**30:.2f} GiB with {used / 2**30:.2f} GiB in use"
+                f"{what} {need / 2**30:.2f} GiB, but this node's memory budget is "
+                f"{budget / 2**30:.2f} GiB with {used / 2**30:.2f} GiB in use"
                 + (f" ({held})" if held else "")
             )
 

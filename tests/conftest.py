@@ -103,9 +103,11 @@ def start_sim_node(
     cache: CacheConfig | None = None,
     node_id: str | None = None,
     memory_budget: int | None = None,
+    **config: Any,
 ) -> RunningNode:
     """A node serving SIMULATED models (specs or `--sim-model` strings) from its own home,
-    with a fixed `node_id` and a memory budget (bytes) when given."""
+    with a fixed `node_id` and a memory budget (bytes) when given, and `config` (other
+    NodeConfig fields, e.g. `audio`, `secret`) on top."""
     home.mkdir(parents=True, exist_ok=True)
     if node_id is not None:
         (home / "node_id").write_text(node_id + "\n")
@@ -120,6 +122,7 @@ def start_sim_node(
             ),
             cache=cache or CacheConfig(),
             memory_budget=memory_budget,
+            **config,
         )
     )
 

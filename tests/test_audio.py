@@ -42,8 +42,12 @@ from mesh.types import ChatPrompt, GenerateRequest, Message
 from node.backends.audio_codec import decode, resample, wav_header
 from node.backends.speech import StreamResampler
 from node.backends.speech_engines import discover
-from node.config import NodeConfig, SimModelSpec
-from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+from tests.conftest import (
+    RunningCoordinator,
+    RunningNode,
+    start_coordinator,
+    start_sim_node,
+)
 
 QUESTION = "what is the capital of France"
 
@@ -61,17 +65,7 @@ needs_pocketsphinx = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def voice_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     home = tmp_path_factory.mktemp("voice-node")
-    (home / "node_id").write_text("voice-node\n")
-    node = start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=home,
-            models_dir=home / "models",
-            scan_hf_cache=False,
-            sim_models=(SimModelSpec.parse("chat-sim:5000:200"),),
-            audio=True,
-        )
-    )
+    node = start_sim_node(home, "chat-sim:5000:200", node_id="voice-node", audio=True)
     yield node
     node.stop()
 

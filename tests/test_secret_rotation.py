@@ -27,8 +27,7 @@ from mesh.auth import (
 )
 from mesh.client import NodeClient
 from mesh.errors import Unauthenticated
-from node.config import NodeConfig, SimModelSpec
-from tests.conftest import RunningNode, start_coordinator, start_node
+from tests.conftest import RunningNode, start_coordinator, start_sim_node
 
 OLD = "old-secret-0123456789abcdef0123"
 NEW = "new-secret-0123456789abcdef0123"
@@ -42,19 +41,9 @@ def home_with(path: Path, secret: str) -> Path:
 
 
 def sim_node(home: Path, node_id: str) -> RunningNode:
-    (home / "node_id").write_text(node_id + "\n")
     secret = MeshSecret.from_home(home)
     assert secret is not None
-    return start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=home,
-            models_dir=home / "models",
-            scan_hf_cache=False,
-            sim_models=(SimModelSpec.parse("sim:20000:400"),),
-            secret=secret,
-        )
-    )
+    return start_sim_node(home, "sim:20000:400", node_id=node_id, secret=secret)
 
 
 def end_window(home: Path) -> None:

@@ -18,9 +18,13 @@ import httpx
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from node.config import NodeConfig, SimModelSpec
 from tests.browser import CHROMIUM, NO_CHROMIUM, console_errors, stop_coordinator
-from tests.conftest import RunningCoordinator, RunningNode, start_coordinator, start_node
+from tests.conftest import (
+    RunningCoordinator,
+    RunningNode,
+    start_coordinator,
+    start_sim_node,
+)
 
 SAID = "what is the capital of France"
 # Words PocketSphinx should find in SAID (two of them at least: through the browser's audio
@@ -69,17 +73,7 @@ def served_kinds(coordinator: RunningCoordinator) -> set[str]:
 def start_chat_node(home: Path, *, audio: bool) -> RunningNode:
     """A node with a simulated chat model, and with its speech engines (PocketSphinx,
     eSpeak NG: whichever are installed) when `audio`."""
-    home.mkdir(parents=True, exist_ok=True)
-    return start_node(
-        NodeConfig(
-            grpc_port=0,
-            home=home,
-            models_dir=home / "models",
-            scan_hf_cache=False,
-            sim_models=(SimModelSpec.parse(CHAT), SimModelSpec.parse(SLOW)),
-            audio=audio,
-        )
-    )
+    return start_sim_node(home, CHAT, SLOW, audio=audio)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 import { renderMarkdown, splitThinking } from "./markdown.js";
 import {
-  ApiError, api, askForKey, chatModelGroups, el, errorMessage, headers, main, num, readEvents,
+  ApiError, api, askForKey, chatModelGroups, el, errorMessage, headers, main, modelsAndRouting,
+  num, readEvents,
 } from "./ui.js";
 
 // ---- Chat page: a playground over the coordinator's own OpenAI API (streamed).
@@ -32,14 +33,13 @@ export default function chatPage() {
 
   async function loadModels() {
     let models;
-    let routing = {};
+    let routing;
     try {
-      models = await api("/api/models");
+      ({ models, routing } = await modelsAndRouting());
     } catch (err) {
       pickError.textContent = err.message;
       return;
     }
-    try { routing = await api("/api/routing/config"); } catch (_) { /* tiers are optional */ }
     const groups = chatModelGroups(models, routing);
     const keep = select.value;
     select.replaceChildren(...groups);

@@ -7,7 +7,8 @@
 
 import { renderMarkdown, splitThinking } from "./markdown.js";
 import {
-  ApiError, api, askForKey, chatModelGroups, el, errorMessage, headers, main, num, readEvents,
+  ApiError, askForKey, chatModelGroups, el, errorMessage, headers, main, modelsAndRouting, num,
+  readEvents,
 } from "./ui.js";
 
 const SETTINGS = "macmesh.voice";
@@ -211,14 +212,13 @@ export default function voicePage() {
   // ---- Models: speech-to-text, chat (models, aliases, Claude tiers) and text-to-speech.
   async function loadModels() {
     let models;
-    let routing = {};
+    let routing;
     try {
-      models = await api("/api/models");
+      ({ models, routing } = await modelsAndRouting());
     } catch (err) {
       notice.textContent = err.message;
       return;
     }
-    try { routing = await api("/api/routing/config"); } catch (_) { /* tiers are optional */ }
     const by = { stt: [], tts: [], chat: [] };
     for (const m of models.models || []) (by[modelKind(m)] || []).push(m);
     const fill = (select, options, empty, want) => {

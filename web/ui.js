@@ -23,6 +23,15 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// GET /api/models and the routing config, for the pages' model pickers; the config's
+// Claude tiers are optional ({} when it cannot be read). Throws when the models can't.
+export async function modelsAndRouting() {
+  const models = await api("/api/models");
+  let routing = {};
+  try { routing = await api("/api/routing/config"); } catch (_) { /* tiers are optional */ }
+  return { models, routing };
+}
+
 export function bytes(n) {
   if (n === null || n === undefined) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -52,3 +52,26 @@ async def drain(in_flight: Callable[[], int], grace: float) -> None:
     deadline = time.monotonic() + grace
     while in_flight() and time.monotonic() < deadline:
         await asyncio.sleep(_DRAIN_POLL_S)
+
+
+class CountsRunning:
+    """`running`, `waiting` and `close` for a backend that counts its generations per
+    model in `_running`, queues nothing, and refuses new work once `_closing`."""
+
+    _running: dict[str, int]
+    _closing: bool
+
+    @property
+    def running(self) -> int:
+        """Generations under way."""
+        return sum(self._running.values())
+
+    @property
+    def waiting(self) -> int:
+        """Nothing waits: every generation runs at once."""
+        return 0
+
+    async def close(self, grace: float) -> None:
+        """Refuse new work; give what runs `grace` seconds to finish."""
+        self._closing = True
+        await drain(lambda: self.running, grace)

@@ -54,7 +54,7 @@ from mesh.types import (
 )
 from node.backends.base import BackendContext
 from node.backends.chat_template import validate_chat
-from node.backends.common import check_prompt, drain, request_id, room
+from node.backends.common import CountsRunning, check_prompt, request_id, room
 from node.backends.outparse import OutputParser, ParserConfig
 from node.backends.stats import ModelStats
 from node.cache import Lease, PromptCaches
@@ -118,7 +118,7 @@ def sim_render(chat: ChatPrompt) -> str:
     return "".join(parts)
 
 
-class SimBackend:
+class SimBackend(CountsRunning):
     """Backend protocol over simulated models (always "loaded")."""
 
     name = "sim"
@@ -331,18 +331,6 @@ class SimBackend:
             for name, s in self.specs.items()
             if name in self._loaded
         ]
-
-    @property
-    def running(self) -> int:
-        return sum(self._running.values())
-
-    @property
-    def waiting(self) -> int:
-        return 0
-
-    async def close(self, grace: float) -> None:
-        self._closing = True
-        await drain(lambda: self.running, grace)
 
 
 def create(ctx: BackendContext) -> SimBackend | None:

@@ -57,7 +57,7 @@ from node.backends.audio_codec import (
     wav_header,
 )
 from node.backends.base import BackendContext
-from node.backends.common import drain
+from node.backends.common import CountsRunning
 from node.backends.speech_engines import Missing, SttEngine, TtsEngine, discover
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class StreamResampler:
         return out
 
 
-class SpeechBackend:
+class SpeechBackend(CountsRunning):
     """Backend protocol over the node's speech engines (all built in, always loaded)."""
 
     name = "speech"
@@ -321,18 +321,6 @@ class SpeechBackend:
 
     def cache_state(self) -> list[CachedPrefix]:
         return []
-
-    @property
-    def running(self) -> int:
-        return sum(self._running.values())
-
-    @property
-    def waiting(self) -> int:
-        return 0
-
-    async def close(self, grace: float) -> None:
-        self._closing = True
-        await drain(lambda: self.running, grace)
 
 
 def create(ctx: BackendContext) -> SpeechBackend | None:
