@@ -142,7 +142,7 @@ class GroupManager:
         """`rooms`: the placer's memory figures (coordinator.placement), for proposals."""
         self.registry = registry
         self._rooms = rooms
-        # Names being formed by this coordinator right now: a second create waits its turn.
+        # Names being formed by this coordinator right now: a second create is refused.
         self._forming: set[str] = set()
 
     def groups(self) -> list[GroupView]:
